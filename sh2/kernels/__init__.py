@@ -1,0 +1,129 @@
+"""Sequence-mixing kernels of sh2, each with a pure-PyTorch reference and a Triton backend.
+
+Public functions (all filters in causal orientation, ``h[..., 0]`` multiplies the current token):
+
+- :func:`gated_fir_conv` ``(q, k, v, h, bias)``: ``q * (conv(k*v, h) + bias*(k*v))``, direct/blocked FIR
+  (Hyena-SE and Hyena-MR).
+- :func:`gated_fft_conv`: the same semantics by an fp32 FFT, for filters as long as the sequence (Hyena-LI).
+- :func:`causal_depthwise_conv` ``(x, w)``: the featurizer's short depthwise causal convolution.
+- :func:`modal_filter` ``(log_poles, residues, length)``: the Hyena-LI filter, built tiled.
+
+``backend`` is ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"torch"`` or ``"triton"``.
+The environment variable ``SH2_KERNEL_BACKEND`` (``torch`` | ``triton``) overrides ``"auto"``, which is
+how tests force a path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sh2.kernels import reference
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Return ``"torch"`` or ``"triton"`` for a requested backend and an input tensor."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get("SH2_KERNEL_BACKEND", "").strip().lower()
+        if forced in ("torch", "triton"):
+            return forced
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def check_gated_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                       bias: torch.Tensor | None, max_len: int | None = None) -> None:
+    """Validate the arguments of the gated convolutions; raise ValueError naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == h.device):
+        raise ValueError("q, k, v and h must be on the same device")
+    D = q.shape[-1]
+    if h.dim() != 2:
+        raise ValueError(f"h must have shape [G, K] (causal orientation), got {tuple(h.shape)}")
+    G, K = h.shape
+    if G < 1 or D % G != 0:
+        raise ValueError(f"the number of filter groups G={G} must divide the width D={D}")
+    if K < 1:
+        raise ValueError("h must have at least one tap")
+    if max_len is not None and K > max_len:
+        raise ValueError(f"filter length K={K} exceeds the sequence length L={max_len}; "
+                         f"truncate h to h[:, :L]")
+    if bias is not None:
+        if bias.shape != (D,):
+            raise ValueError(f"bias must have shape [D]=[{D}], got {tuple(bias.shape)}")
+        if bias.device != q.device:
+            raise ValueError("bias must be on the same device as q")
+
+
+def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                   bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Gated causal FIR convolution ``q * (conv(k * v, h) + bias * (k * v))``.
+
+    Args:
+        q: post-gate ``[B, L, D]``.
+        k: pre-gate ``[B, L, D]``.
+        v: value ``[B, L, D]``.
+        h: grouped filters ``[G, K]``, causal orientation; channel c uses filter ``c // (D // G)``.
+        bias: Dskip ``[D]`` or None.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[B, L, D]`` in the dtype of q (fp32 accumulation).
+    """
+    check_gated_inputs(q, k, v, h, bias)
+    if resolve_backend(backend, q) == "triton":
+        from sh2.kernels.fir import gated_fir_conv_triton
+
+        return gated_fir_conv_triton(q, k, v, h, bias)
+    return reference.gated_fir_conv_ref(q, k, v, h, bias)
+
+
+def gated_fft_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
+                   bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Gated causal long convolution by fp32 FFT; same semantics as :func:`gated_fir_conv`, K <= L."""
+    check_gated_inputs(q, k, v, h, bias, max_len=q.shape[1] if q.dim() == 3 else None)
+    if resolve_backend(backend, q) == "triton":
+        from sh2.kernels.fft import gated_fft_conv_triton
+
+        return gated_fft_conv_triton(q, k, v, h, bias)
+    return reference.gated_fft_conv_ref(q, k, v, h, bias)
+
+
+def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal depthwise convolution of ``x [B, L, C]`` with ``w [C, K]`` (causal orientation)."""
+    if x.dim() != 3 or w.dim() != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"expected x [B, L, C] and w [C, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    if resolve_backend(backend, x) == "triton":
+        from sh2.kernels.short_conv import causal_depthwise_conv_triton
+
+        return causal_depthwise_conv_triton(x, w)
+    return reference.causal_depthwise_conv_ref(x, w)
+
+
+def modal_filter(log_poles: torch.Tensor, residues: torch.Tensor, length: int,
+                 backend: str = "auto") -> torch.Tensor:
+    """Hyena-LI filter ``h[c, t] = sum_n residues[c, n] * exp(log_poles[c, n] * t)``, ``[D, length]`` fp32."""
+    if log_poles.shape != residues.shape or log_poles.dim() != 2:
+        raise ValueError(f"log_poles and residues must both be [D, N], got {tuple(log_poles.shape)} "
+                         f"and {tuple(residues.shape)}")
+    if resolve_backend(backend, log_poles) == "triton":
+        from sh2.kernels.modal import modal_filter_triton
+
+        return modal_filter_triton(log_poles, residues, length)
+    return reference.modal_filter_ref(log_poles, residues, length)
+
+
+__all__ = ["gated_fir_conv", "gated_fft_conv", "causal_depthwise_conv", "modal_filter", "resolve_backend",
+           "check_gated_inputs", "reference"]

@@ -1,0 +1,108 @@
+"""Pure-PyTorch reference implementations of every sh2 kernel.
+
+These are the oracles the Triton kernels are tested against, and the path used on CPU. Filters are
+in *causal orientation* everywhere in sh2: ``h[..., 0]`` multiplies the current token, ``h[..., s]``
+the token ``s`` steps back. All arithmetic is done in float32 (float64 inputs stay float64) and the
+result is cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_depthwise_conv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise convolution ``y[b, t, c] = sum_s w[c, s] * x[b, t - s, c]``.
+
+    Args:
+        x: input ``[B, L, C]``.
+        w: filters ``[C, K]`` in causal orientation.
+
+    Returns:
+        ``[B, L, C]`` in the dtype of ``x``.
+    """
+    cd = _compute_dtype(x.dtype)
+    C, K = w.shape
+    xt = x.to(cd).transpose(1, 2)  # [B, C, L]
+    weight = w.to(cd).flip(-1).unsqueeze(1)  # conv1d is a cross-correlation: last tap = current token
+    y = F.conv1d(F.pad(xt, (K - 1, 0)), weight, groups=C)
+    return y.transpose(1, 2).to(x.dtype)
+
+
+def expand_groups(h: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat grouped filters ``[G, K]`` to per-channel filters ``[D, K]`` (channel c uses ``c // (D // G)``)."""
+    G = h.shape[0]
+    return h.repeat_interleave(channels // G, dim=0)
+
+
+def gated_fir_conv_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``q * (conv(k * v, h) + bias * (k * v))`` with a direct causal convolution.
+
+    Args:
+        q, k, v: ``[B, L, D]`` (post-gate, pre-gate, value).
+        h: grouped filters ``[G, K]``, causal orientation.
+        bias: per-channel skip (Dskip) ``[D]`` or None.
+    """
+    cd = _compute_dtype(q.dtype)
+    z = k.to(cd) * v.to(cd)
+    y = causal_depthwise_conv_ref(z, expand_groups(h.to(cd), q.shape[-1]))
+    if bias is not None:
+        y = y + bias.to(cd) * z
+    return (q.to(cd) * y).to(q.dtype)
+
+
+def fft_causal_conv(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Causal linear convolution along dim 1 of ``z [B, L, D]`` with ``h [D, K]`` (K <= L) by FFT of size 2L."""
+    L = z.shape[1]
+    n = 2 * L
+    zf = torch.fft.rfft(z.transpose(1, 2), n=n)  # [B, D, n/2+1]
+    hf = torch.fft.rfft(h, n=n)  # [D, n/2+1]
+    return torch.fft.irfft(zf * hf, n=n)[..., :L].transpose(1, 2)
+
+
+def gated_fft_conv_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Same semantics as :func:`gated_fir_conv_ref`, computed by an fp32 FFT; ``h [G, K]`` with K up to L."""
+    cd = _compute_dtype(q.dtype)
+    L = q.shape[1]
+    z = k.to(cd) * v.to(cd)
+    hh = expand_groups(h.to(cd), q.shape[-1])[:, :L]
+    y = fft_causal_conv(z, hh)
+    if bias is not None:
+        y = y + bias.to(cd) * z
+    return (q.to(cd) * y).to(q.dtype)
+
+
+def modal_filter_ref(
+    log_poles: torch.Tensor, residues: torch.Tensor, length: int, chunk_channels: int = 256
+) -> torch.Tensor:
+    """The Hyena-LI modal filter ``h[c, t] = sum_n residues[c, n] * exp(log_poles[c, n] * t)``.
+
+    Built in channel chunks so that the ``[D, N, L]`` tensor is never materialised at once.
+
+    Args:
+        log_poles: ``[D, N]`` (negative: decay rates per token are ``exp(log_poles)`` in (0, 1)).
+        residues: ``[D, N]``.
+        length: number of taps L.
+        chunk_channels: channels per chunk.
+
+    Returns:
+        ``[D, L]`` float32 (float64 if the parameters are float64).
+    """
+    cd = _compute_dtype(log_poles.dtype)
+    D = log_poles.shape[0]
+    t = torch.arange(length, device=log_poles.device, dtype=cd)
+    out = torch.empty(D, length, device=log_poles.device, dtype=cd)
+    for c0 in range(0, D, chunk_channels):
+        lp = log_poles[c0 : c0 + chunk_channels].to(cd)
+        r = residues[c0 : c0 + chunk_channels].to(cd)
+        out[c0 : c0 + chunk_channels] = torch.einsum("cn,cnt->ct", r, torch.exp(lp[..., None] * t))
+    return out
