@@ -1,0 +1,70 @@
+"""The ``sh2`` command: a LightningCLI with fit, validate, test and predict.
+
+Examples:
+    sh2 fit --config configs/tiny.yaml
+    sh2 fit --config configs/evo2_7b_8k.yaml --trainer.max_steps 1000
+    sh2 fit --config configs/finetune.yaml --model.init_from runs/tiny/version_0/checkpoints/last.ckpt
+    sh2 fit --config configs/tiny.yaml --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt   # resume
+    sh2 fit --config configs/tiny.yaml --print_config
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sh2.data.datamodule import SH2DataModule
+from sh2.training.callbacks import AtomicCheckpointIO, ValidationReport
+from sh2.training.module import SH2LightningModule
+
+
+class SH2CLI(LightningCLI):
+    """LightningCLI for sh2: links sequence length and vocabulary between data and model, adds the
+    checkpoint and validation-report callbacks, TensorBoard logging and atomic checkpoint writes."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.seq_len", "model.seq_len")
+        parser.link_arguments("data", "model.vocab_size", compute_fn=lambda data: data.vocab_size,
+                              apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+                             "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
+                             "checkpoint.filename": "step{step:07d}-val{val/loss:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(ValidationReport, "report")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if type(getattr(strategy, "_checkpoint_io", None)) in (TorchCheckpointIO, type(None)):
+            try:
+                strategy.checkpoint_io = AtomicCheckpointIO()
+            except AttributeError:  # strategies without a settable checkpoint_io write their own format
+                pass
+        return trainer
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sh2`` console script and ``python -m sh2``."""
+    SH2CLI(
+        SH2LightningModule,
+        SH2DataModule,
+        seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "runs", "name": "sh2"}},
+            "max_steps": 1000,
+            "gradient_clip_val": None,
+        },
+        args=args if args is not None else sys.argv[1:],
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
