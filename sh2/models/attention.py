@@ -9,19 +9,22 @@ from sh2.models.config import SH2Config
 from sh2.models.seqops import LOCAL_OPS, SequenceOps
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, scaling: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[..., L, head_dim]`` (fp32) for integer positions divided by ``scaling``."""
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, scaling: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[..., L, head_dim]`` for positions divided by ``scaling`` (angles from float64, then
+    fp32 unless ``dtype`` is float64: large positions keep their precision)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                            dtype=torch.float32) / head_dim))
-    freqs = (position_ids.float() / scaling)[..., None] * inv_freq
+                                            dtype=torch.float64) / head_dim))
+    freqs = (position_ids.double() / scaling)[..., None] * inv_freq
+    if dtype != torch.float64:
+        freqs = freqs.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE over the whole head of ``x [B, L, H, hd]``; cos/sin ``[L, hd]`` or ``[B, L, hd]``."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
     if cos.dim() == 2:
@@ -62,7 +65,7 @@ class Attention(nn.Module):
         q = q.view(B, L, self.num_heads, hd)
         k = k.view(B, L, self.kv_heads, hd)
         v = v.view(B, L, self.kv_heads, hd)
-        cos, sin = rope_cos_sin(position_ids, hd, self.rope_base, self.rope_scaling)
+        cos, sin = rope_cos_sin(position_ids, hd, self.rope_base, self.rope_scaling, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,9 +20,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()
         rms = xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5
-        return (self.scale.float() * (xf / (rms + self.eps))).to(x.dtype)
+        return (self.scale.to(xf.dtype) * (xf / (rms + self.eps))).to(x.dtype)
 
 
 class GatedMLP(nn.Module):
