@@ -1,0 +1,100 @@
+"""The sh2 command end to end (subprocesses, as a user runs it) and every config file in configs/."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sh2.cli import SH2CLI
+from sh2.data.datamodule import SH2DataModule
+from sh2.models import SH2Config
+from sh2.training.module import SH2LightningModule
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
+FAST = ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--data.seq_len", "64",
+        "--data.val_batches", "2", "--trainer.limit_val_batches", "2"]
+
+
+def run_sh2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "sh2", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+class _ParseOnly(SH2CLI):
+    def instantiate_classes(self) -> None:  # parse and validate types, build nothing (GPU configs on CPU)
+        pass
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_config_file_parses(path):
+    cli = _ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(path)])
+    model = cli.config["model"]
+    SH2Config.from_name(model["preset"], **(model["overrides"] or {}))  # the model section is a valid model
+    assert cli.config["data"]["seq_len"] >= 2
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "evo2_1b_8k.yaml", "evo2_7b_8k.yaml", "evo2_40b_8k.yaml", "finetune.yaml"} <= names
+
+
+@pytest.mark.slow
+def test_fit_then_validate_then_finetune_from_checkpoint(tmp_path):
+    logs = tmp_path / "runs"
+    res = run_sh2("fit", "--config", str(ROOT / "configs/tiny.yaml"), *FAST,
+                  "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[sh2] step 4: val/loss" in res.stdout and "unigram entropy" in res.stdout
+    version = logs / "tiny" / "version_0"
+    assert list(version.glob("events.out.tfevents.*")), "TensorBoard events written"
+    assert (version / "config.yaml").exists(), "resolved config saved next to the logs"
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    assert saved["data"]["seq_len"] == 64 and "seq_len" not in saved["model"]  # set once, linked to the model
+    last = version / "checkpoints" / "last.ckpt"
+    assert last.exists()
+
+    res = run_sh2("validate", "--config", str(ROOT / "configs/tiny.yaml"), "--data.seq_len", "64",
+                  "--data.val_batches", "2", "--ckpt_path", str(last),
+                  "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "val/loss" in res.stdout
+
+    res = run_sh2("fit", "--config", str(ROOT / "configs/finetune.yaml"), *FAST, "--model.init_from", str(last),
+                  "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_print_config_shows_linked_values(tmp_path):
+    res = run_sh2("fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.seq_len", "96", "--print_config",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["data"]["seq_len"] == 96 and cfg["model"]["preset"] == "tiny"
+    assert "seq_len" not in cfg["model"]  # linked from data.seq_len
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--data.path", "/no/such/genomes.fasta"], "/no/such/genomes.fasta"),
+    (["--data.seq_len", "1"], "seq_len"),
+    (["--model.preset", "evo9"], "unknown preset 'evo9'"),
+    (["--model.overrides", "{se_groups: 7}"], "SH2Config.se_groups"),
+])
+def test_bad_input_fails_before_training_with_a_clear_message(tmp_path, extra, needle):
+    res = run_sh2("fit", "--config", str(ROOT / "configs/tiny.yaml"), *FAST, *extra,
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert res.returncode != 0
+    assert needle in res.stderr + res.stdout
+    assert "Epoch 0:" not in res.stderr  # failed before the first training step
+
+
+def test_unknown_yaml_field_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/tiny.yaml").read_text().replace("  lr: 3.0e-3", "  lr: 3.0e-3\n  lrr: 1.0"))
+    res = run_sh2("fit", "--config", str(bad), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "lrr" in res.stderr

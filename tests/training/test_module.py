@@ -1,0 +1,114 @@
+"""SH2LightningModule: exact resumption, schedules, NaN guard, FLOP accounting, atomic checkpoints."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import LossRecorder, make_data, make_module, make_trainer
+
+from sh2.models import SH2Config
+from sh2.training.callbacks import AtomicCheckpointIO
+from sh2.training.flops import fft_conv_flops_per_token, flops_breakdown, model_flops_per_token
+from sh2.training.module import warmup_cosine
+
+
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    L.seed_everything(0)
+    full = LossRecorder()
+    make_trainer(tmp_path / "a", 8, [full]).fit(make_module(), make_data())
+
+    L.seed_everything(0)
+    first = LossRecorder()
+    trainer = make_trainer(tmp_path / "b", 4, [first])
+    trainer.fit(make_module(), make_data())
+    ckpt = tmp_path / "b" / "step4.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    L.seed_everything(123)  # the resumed run must not depend on the global seed state
+    second = LossRecorder()
+    make_trainer(tmp_path / "c", 8, [second]).fit(make_module(), make_data(), ckpt_path=str(ckpt))
+
+    assert sorted(full.losses) == list(range(1, 9))
+    for step in range(1, 5):
+        assert first.losses[step] == full.losses[step]
+    for step in range(5, 9):
+        assert second.losses[step] == full.losses[step], step
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_and_lr(tmp_path):
+    module = make_module(lr=2e-3, weight_decay=0.05)
+    trainer = make_trainer(tmp_path, 1)
+    trainer.fit(module, make_data())
+    opt = trainer.optimizers[0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_non_finite_loss_stops_with_the_step_number(tmp_path):
+    module = make_module()
+    original = module._loss_terms
+
+    def poisoned(batch):
+        ce, s, w = original(batch)
+        if module.global_step == 2:
+            s = s * float("nan")
+        return ce, s, w
+
+    module._loss_terms = poisoned
+    with pytest.raises(RuntimeError, match="non-finite training loss .* at step 2"):
+        make_trainer(tmp_path, 5).fit(module, make_data())
+
+
+def test_bad_module_settings_name_the_field():
+    with pytest.raises(ValueError, match="model.lr"):
+        make_module(lr=0.0)
+    with pytest.raises(ValueError, match="SH2Config.se_groups"):
+        make_module(overrides={"se_groups": 3})
+
+
+def test_flops_accounting_matches_six_n_plus_mixing():
+    cfg = SH2Config.from_name("evo2_7b_8k")
+    n_matrix = sum(
+        (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.mlp_hidden_size) for _ in cfg.operators)
+    per_token = model_flops_per_token(cfg, 8192)
+    mixing = 3 * 2 * 8192 * cfg.hidden_size * cfg.operators.count("MHA")  # causal attention, fwd+bwd
+    assert per_token > 6 * n_matrix + mixing
+    assert per_token < 1.05 * (6 * n_matrix + mixing)
+    b = flops_breakdown(cfg, 8192)
+    assert b["MR"] / cfg.operators.count("MR") > b["SE"] / cfg.operators.count("SE")
+    assert fft_conv_flops_per_token(1024) == pytest.approx((5 * 2048 * 11 + 6 * 1025) / 1024)
+
+
+def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"a": torch.ones(3)}, path)
+
+    def failing_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_validation_logs_loss_perplexity_bits(tmp_path):
+    trainer = make_trainer(tmp_path, 2, limit_val_batches=2, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(make_module(), make_data())
+    m = trainer.callback_metrics
+    assert {"val/loss", "val/perplexity", "val/bits_per_token", "train/loss"} <= set(m)
+    assert float(m["val/perplexity"]) == pytest.approx(math.exp(float(m["val/loss"])), rel=1e-5)
+    assert float(m["val/bits_per_token"]) == pytest.approx(float(m["val/loss"]) / math.log(2), rel=1e-5)
