@@ -68,6 +68,7 @@ class SH2LightningModule(L.LightningModule):
         self._peak_flops: float | None = None
         self._t_last: float | None = None
         self._tokens_since = 0
+        self._perf: list[tuple[float, float | None]] = []  # (tokens/s, MFU) per logging interval
 
     # ----------------------------------------------------------------- model construction
     def configure_model(self) -> None:
@@ -166,11 +167,27 @@ class SH2LightningModule(L.LightningModule):
             self.log("perf/tokens_per_s", tokens_per_s, on_step=True, on_epoch=False)
             if self._peak_flops is None:
                 self._peak_flops = measure_bf16_peak_flops(self.device) or 0.0
+            mfu = None
             if self._peak_flops:
                 mfu = tokens_per_s * self._flops_per_token / (self._peak_flops * self.trainer.world_size)
                 self.log("perf/mfu", mfu, on_step=True, on_epoch=False)
+            self._perf.append((tokens_per_s, mfu))
             if self.device.type == "cuda":
                 self.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, on_step=True,
                          on_epoch=False)
         self._t_last, self._tokens_since = now, 0
 
+    def on_train_end(self) -> None:
+        """Print a throughput summary (median over the logging intervals after the first)."""
+        if not self._perf or not self.trainer.is_global_zero:
+            return
+        perf = self._perf[1:] or self._perf
+        tps = sorted(p[0] for p in perf)[len(perf) // 2]
+        mfus = sorted(p[1] for p in perf if p[1] is not None)
+        msg = f"[sh2] throughput: {tps:,.0f} tokens/s over {self.trainer.world_size} device(s)"
+        if mfus:
+            msg += (f", MFU {mfus[len(mfus) // 2]:.1%} (analytic FLOPs vs measured bf16 peak "
+                    f"{self._peak_flops / 1e12:.0f} TFLOP/s per device)")
+        if self.device.type == "cuda":
+            msg += f", peak memory {torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB"
+        print(msg, flush=True)
