@@ -1,0 +1,139 @@
+"""Reading checkpoint files: byte shards, memory-mapped ``torch.load`` and integrity checks.
+
+Large Evo 2 files are published as byte shards ``NAME.pt.part0 .. NAME.pt.partN`` that must be
+concatenated in order. :func:`assemble_shards` streams them into ``NAME.pt`` beside the shards (1 MiB
+at a time, never the whole file in memory), checks that the numbering has no gap and that the result is
+a complete zip archive (the container ``torch.save`` writes), and is a no-op when an up-to-date
+``NAME.pt`` already exists. :func:`load_file` then opens it with ``torch.load(mmap=True,
+weights_only=True)``: tensors stay on disk until they are read, so loading a 40B checkpoint does not need
+40B parameters' worth of RAM on top of the model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model; the message says what to fix."""
+
+
+_PART = re.compile(r"^(?P<base>.+)\.part(?P<idx>\d+)$")
+
+
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """The byte shards ``PATH.part0 .. PATH.partN`` of ``path`` in order (empty if there are none).
+
+    Raises:
+        CheckpointError: when the numbering has a gap (a shard is missing).
+    """
+    path = Path(path)
+    parts: dict[int, Path] = {}
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            m = _PART.match(candidate.name)
+            if m and m.group("base") == path.name:
+                parts[int(m.group("idx"))] = candidate
+    if not parts:
+        return []
+    missing = [i for i in range(max(parts) + 1) if i not in parts]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is split into byte shards but shard {path}.part{missing[0]} is "
+                              f"missing (found parts {sorted(parts)}); download every part and keep the "
+                              f"numbering NAME.part0 .. NAME.part{max(parts)}")
+    return [parts[i] for i in range(len(parts))]
+
+
+def _check_zip(path: Path, origin: str) -> None:
+    """Raise a clear error if ``path`` (a torch zip checkpoint) is truncated or corrupt."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
+        return  # legacy (non-zip) torch format: torch.load reports its own errors
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise zipfile.BadZipFile(f"member {info.filename} extends past the end of the file")
+    except zipfile.BadZipFile as err:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({err}){origin}; download it again "
+                              f"and compare its size with the published one") from None
+
+
+def assemble_shards(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+    """Concatenate ``PATH.part0 .. PATH.partN`` into one file and return its path.
+
+    Streams the shards in order into ``out_dir/NAME`` (default: beside the shards) through a temporary
+    file that is renamed when complete, so an interrupted run never leaves a half-written checkpoint.
+    An existing file whose size equals the sum of the shards is reused. If there are no shards, ``path``
+    itself is returned (after checking it exists).
+
+    Raises:
+        CheckpointError: missing file, missing shard, or an assembled file that is not a complete archive
+            (a truncated shard).
+    """
+    path = Path(path)
+    m = _PART.match(path.name)
+    if m and shard_paths(path.with_name(m.group("base"))):
+        path = path.with_name(m.group("base"))  # the user named one shard: assemble the whole file
+    parts = shard_paths(path)
+    if not parts:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist (and no shards {path}.part0.. were found)")
+        return path
+    target = Path(out_dir) / path.name if out_dir is not None else path
+    total = sum(p.stat().st_size for p in parts)
+    origin = f" (assembled from {len(parts)} shards {parts[0].name} .. {parts[-1].name}: one is probably truncated)"
+    if not (target.exists() and target.stat().st_size == total):
+        tmp = target.with_name(target.name + ".assembling")
+        try:
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, out, length=1 << 20)
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write the assembled checkpoint {target} ({err}); pass a writable "
+                                  f"out_dir with enough free space ({total / 2**30:.1f} GiB)") from None
+    _check_zip(target, origin)
+    return target
+
+
+def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """``torch.load`` a checkpoint on the CPU, memory-mapped and weights-only where possible.
+
+    Args:
+        path: a ``.pt``/``.ckpt`` file (byte shards must be assembled first, see :func:`assemble_shards`).
+        trust_pickle: allow arbitrary pickled objects (DeepSpeed/Savanna files can hold them). Only for
+            files from a trusted source.
+
+    Raises:
+        CheckpointError: unreadable file, or pickled objects that need ``trust_pickle=True``.
+    """
+    path = Path(path)
+    _check_zip(path, "")
+    safe = [io.BytesIO]  # Transformer Engine stores FP8 metadata (_extra_state) as BytesIO
+    kwargs: dict[str, Any] = {"map_location": "cpu"}
+    with open(path, "rb") as fh:
+        kwargs["mmap"] = fh.read(4) == b"PK\x03\x04"  # only zip checkpoints can be memory-mapped
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise CheckpointError(f"{path} contains pickled Python objects besides tensors ({str(err)[:200]}...). "
+                                  f"If you trust the file, load it with trust_pickle=True") from None
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    return torch.load(path, weights_only=False, **kwargs)

@@ -1,0 +1,230 @@
+"""Savanna (the Evo 2 training code, DeepSpeed) checkpoints: read into sh2 layout.
+
+A Savanna model-state file (``global_stepN/mp_rank_00_model_states.pt``) holds ``{"module": state}``
+with keys ``sequential.{j}.*``: ``sequential.0`` is the embedding, blocks are ``sequential.{i + 2}``, the
+final norm is the last index. Per block: ``input_layernorm``/``pre_mlp_layernorm``, ``mlp.w1/w2/w3``,
+``mixer.dense_projection`` (Hyena input projection, interleaved streams; or the per-head fused QKV of
+attention), ``mixer.dense`` (output projection), ``mixer.hyena_proj_conv.short_conv_weight`` (featurizer,
+conv1d orientation), and the inner filter: SE ``mixer.mixer.short_conv.short_conv_weight`` (conv1d
+orientation), MR ``mixer.mixer.filter.h`` + ``mixer.mixer.filter.decay`` (the effective filter is
+``(h * decay)[:, :K]``), LI ``mixer.mixer.filter.{p, gamma, R}`` (sh2's own parametrisation) and
+``mixer.mixer.conv_bias`` (Dskip of MR and LI).
+
+Savanna's MR ``h`` and LI ``p, gamma, R`` are the training parameters themselves, so when Savanna's decay
+equals sh2's (Evo 2: weak preset, T_ref 8192) the conversion is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
+from sh2.checkpoints.state import LazyStateDict
+from sh2.checkpoints.vortex import VortexLayout, hyena_rows, mr_decay, qkv_rows
+from sh2.models.config import PRESETS, SH2Config, layout_string
+
+log = logging.getLogger(__name__)
+_IGNORED = ("._extra_state", "rotary_emb.inv_freq", "filter.t", "outer_mlp_layernorm.weight",
+            "outer_mlp_layernorm.scale", "post_attention_layernorm.scale", "mixer.mixer.short_conv.conv_bias")
+_SEQ = re.compile(r"^sequential\.(\d+)\.(.+)$")
+
+
+def savanna_state(obj: object) -> dict[str, torch.Tensor]:
+    """The model state of a loaded Savanna file (``obj["module"]`` or the dict itself)."""
+    if isinstance(obj, Mapping) and "module" in obj and isinstance(obj["module"], Mapping):
+        obj = obj["module"]
+    if not isinstance(obj, Mapping) or not any(str(k).startswith("sequential.") for k in obj):
+        raise CheckpointError("not a Savanna checkpoint: expected keys 'sequential.{i}.*' (under 'module')")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _split(state: Mapping[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+    groups: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        m = _SEQ.match(key)
+        if m:
+            groups.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    blocks = sorted(j for j, g in groups.items() if "mlp.w1.weight" in g)
+    if not blocks or blocks != list(range(2, 2 + len(blocks))):
+        raise CheckpointError(f"Savanna checkpoint: blocks must be sequential.2 .. sequential.N+1 consecutively, "
+                              f"found block indices {blocks[:8]}...")
+    return groups, len(blocks)
+
+
+def _operator(g: Mapping[str, torch.Tensor]) -> str:
+    if "mixer.mixer.filter.p" in g or "mixer.mixer.filter.R" in g:
+        return "LI"
+    if "mixer.mixer.filter.h" in g:
+        return "MR"
+    if "mixer.mixer.short_conv.short_conv_weight" in g:
+        return "SE"
+    return "MHA"
+
+
+def infer_savanna_config(state: Mapping[str, torch.Tensor]) -> SH2Config:
+    """A config from the shapes of a Savanna state; non-shape fields from the matching Evo 2 preset."""
+    groups, n = _split(state)
+    emb = groups.get(0, {}).get("word_embeddings.weight")
+    if emb is None:
+        raise CheckpointError("Savanna checkpoint: 'sequential.0.word_embeddings.weight' is missing")
+    ops = [_operator(groups[i + 2]) for i in range(n)]
+    vals = dict(vocab_size=emb.shape[0], hidden_size=emb.shape[1], num_layers=n, layout=layout_string(ops),
+                mlp_hidden_size=groups[2]["mlp.w1.weight"].shape[0])
+    for i, op in enumerate(ops):
+        g = groups[i + 2]
+        if op == "SE":
+            w = g["mixer.mixer.short_conv.short_conv_weight"]
+            vals.update(se_groups=w.shape[0], se_filter_len=w.shape[-1])
+        elif op == "MR":
+            vals.update(mr_groups=g["mixer.mixer.filter.h"].shape[0])
+    for name, fields in PRESETS.items():
+        ref = SH2Config.from_dict({**fields, "name": name})
+        if all(getattr(ref, k) == v for k, v in vals.items()):
+            return ref
+    D = vals["hidden_size"]
+    log.warning("Savanna checkpoint matches no preset: assuming head size 128, Evo 2 activations, RoPE base 1e4; "
+                "pass config= to be exact")
+    return SH2Config.from_dict({**vals, "name": "savanna", "num_heads": max(1, D // 128), "mlp_activation": "evo2"})
+
+
+def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interleave: bool = True) -> LazyStateDict:
+    """Convert a Savanna model state (lazily) to sh2 keys and layouts.
+
+    Raises:
+        CheckpointError: missing key or layer, operator mismatch with the config, unexpected key.
+    """
+    groups, n = _split(state)
+    if n != config.num_layers:
+        raise CheckpointError(f"Savanna checkpoint has {n} blocks but the config has num_layers={config.num_layers}")
+    D, out = config.hidden_size, LazyStateDict()
+    hrows = hyena_rows(D, VortexLayout(interleave=interleave))
+    qrows = qkv_rows(config.num_heads, config.head_dim, True)
+    decay = mr_decay(config) if "MR" in config.operators else None
+
+    def take(j: int, name: str, *alts: str) -> tuple[torch.Tensor, str]:
+        for k in (name, *alts):
+            if k in groups.get(j, {}):
+                return groups[j].pop(k), f"sequential.{j}.{k}"
+        raise CheckpointError(f"Savanna checkpoint: missing key 'sequential.{j}.{name}'")
+
+    def permuted(key: str, t: torch.Tensor, src: str, idx: torch.Tensor, flip: bool = False) -> None:
+        t2 = t.reshape(t.shape[0], -1)
+        if t2.shape[0] != idx.numel():
+            out.add_tensor(key, t, src)
+            return
+        def make() -> torch.Tensor:
+            r = t2.index_select(0, idx)
+            return r.flip(-1) if flip else r
+        out.add(key, tuple(t2.shape), src, make)
+
+    emb, src = take(0, "word_embeddings.weight")
+    out.add_tensor("embedding.weight", emb, src)
+    norm_j = max(groups)
+    t, src = take(norm_j, "norm.weight", "norm.scale")
+    out.add_tensor("norm.scale", t, src)
+    if not config.tie_embeddings:
+        t, src = take(norm_j + 1 if norm_j + 1 in groups else norm_j, "final_linear.weight")
+        out.add_tensor("lm_head.weight", t, src)
+    for i, op in enumerate(config.operators):
+        j, s = i + 2, f"blocks.{i}."
+        found = _operator(groups[j])
+        if found != op:
+            raise CheckpointError(f"Savanna checkpoint: block {i} (sequential.{j}) is {found} but the config layout "
+                                  f"{config.layout} says {op}")
+        for a, b in (("input_layernorm", "norm_in"), ("pre_mlp_layernorm", "norm_mlp")):
+            t, src = take(j, f"{a}.weight", f"{a}.scale")
+            out.add_tensor(f"{s}{b}.scale", t, src)
+        for w in ("w1", "w2", "w3"):
+            t, src = take(j, f"mlp.{w}.weight")
+            out.add_tensor(f"{s}mlp.{w}.weight", t, src)
+        m = s + "mixer."
+        t, src = take(j, "mixer.dense.weight")
+        out.add_tensor(m + "out_proj.weight", t, src)
+        if (config.attn_out_bias if op == "MHA" else config.hyena_out_bias):
+            t, src = take(j, "mixer.dense.bias")
+            out.add_tensor(m + "out_proj.bias", t, src)
+        t, src = take(j, "mixer.dense_projection.weight")
+        if op == "MHA":
+            permuted(m + "qkv.weight", t, src, qrows)
+            continue
+        permuted(m + "in_proj.weight", t, src, hrows)
+        t, src = take(j, "mixer.hyena_proj_conv.short_conv_weight")
+        permuted(m + "short_filter", t, src, hrows, flip=True)
+        if op == "SE":
+            t, src = take(j, "mixer.mixer.short_conv.short_conv_weight")
+            t2 = t.reshape(t.shape[0], -1)
+            out.add(m + "filter.h", tuple(t2.shape), src, lambda t2=t2: t2.flip(-1))
+        elif op == "MR":
+            _add_mr(out, m, j, take, groups[j], config, decay)
+        else:
+            for name in ("p", "gamma", "R"):
+                t, src = take(j, f"mixer.mixer.filter.{name}")
+                shape = (D, t.numel() // D) if t.numel() % D == 0 else tuple(t.shape)
+                out.add(f"{m}filter.{name}", shape, src, lambda t=t, shape=shape: t.reshape(shape).float())
+        if op != "SE":
+            t, src = take(j, "mixer.mixer.conv_bias")
+            out.add_tensor(m + "skip", t, src)
+    for j, g in groups.items():
+        for k in g:
+            if not k.endswith(_IGNORED) and not k.startswith("mixer.mixer.conv_bias"):
+                raise CheckpointError(f"Savanna checkpoint: unexpected key 'sequential.{j}.{k}'")
+    return out
+
+
+def _add_mr(out: LazyStateDict, m: str, j: int, take, g: Mapping[str, torch.Tensor], config: SH2Config,
+            decay: torch.Tensor | None) -> None:
+    h, src = take(j, "mixer.mixer.filter.h")
+    d_sav = take(j, "mixer.mixer.filter.decay")[0] if "mixer.mixer.filter.decay" in g else None
+    K = config.mr_filter_len
+    h2 = h.reshape(h.shape[0], -1)
+    if decay is None or h2.shape[0] != decay.shape[0] or h2.shape[1] < K:
+        out.add_tensor(m + "filter.h", h2, src)  # the shape check names the mismatch
+        return
+    if d_sav is None:
+        out.add(m + "filter.h", (h2.shape[0], K), src, lambda: h2[:, :K])
+        return
+    ds = d_sav.reshape(d_sav.shape[0], -1)[:, :K].double()
+    if ds.shape == decay.shape and torch.allclose(ds, decay.double(), rtol=1e-6, atol=0):
+        out.add(m + "filter.h", (h2.shape[0], K), src, lambda: h2[:, :K])  # same decay: the parameter itself
+    else:
+        log.warning("%s: Savanna's MR decay differs from sh2's (%s, T_ref %d); folding it into hhat", src,
+                    config.mr_decay, config.mr_ref_len)
+        out.add(m + "filter.h", (h2.shape[0], K), src,
+                lambda: (h2[:, :K].double() * ds / decay.double()).float())
+
+
+def find_savanna_file(path: str | os.PathLike) -> Path:
+    """The model-state file of a Savanna checkpoint given as a file or a ``global_stepN`` directory."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("mp_rank_*_model_states.pt"))
+        if not candidates:
+            raise CheckpointError(f"{path}: no mp_rank_*_model_states.pt in this Savanna checkpoint directory")
+        if len(candidates) > 1:
+            raise CheckpointError(f"{path}: {len(candidates)} model-parallel shards; only single-rank (mp_rank_00) "
+                                  f"Savanna checkpoints are supported")
+        return candidates[0]
+    return path
+
+
+def read_savanna(path: str | os.PathLike, config: SH2Config | None = None, trust_pickle: bool = False,
+                 state: Mapping[str, torch.Tensor] | None = None) -> tuple[SH2Config, LazyStateDict]:
+    """Read a Savanna checkpoint (file or ``global_stepN`` directory) into sh2 layout.
+
+    Args:
+        path: ``mp_rank_00_model_states.pt`` or its directory.
+        config: the model config; default: inferred from the shapes and the Evo 2 presets.
+        trust_pickle: DeepSpeed files usually pickle non-tensor objects; allow them (trusted files only).
+        state: an already loaded Savanna object (skips reading ``path``).
+    """
+    if state is None:
+        state = load_file(assemble_shards(find_savanna_file(path)), trust_pickle=trust_pickle)
+    sd = savanna_state(state)
+    config = config or infer_savanna_config(sd)
+    return config, savanna_to_sh2(config, sd)
