@@ -6,6 +6,7 @@ Examples:
     sh2 fit --config configs/finetune.yaml --model.init_from runs/tiny/version_0/checkpoints/last.ckpt
     sh2 fit --config configs/tiny.yaml --ckpt_path runs/tiny/version_0/checkpoints/last.ckpt   # resume
     sh2 fit --config configs/tiny.yaml --print_config
+    sh2 predict --config configs/predict.yaml --model.init_from CKPT --prediction.path seqs.fasta
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sh2.data.datamodule import SH2DataModule
+from sh2.inference.predict import PredictDataModule, PredictionWriter
 from sh2.training.callbacks import AtomicCheckpointIO, ValidationReport
 from sh2.training.module import SH2LightningModule
 
@@ -36,6 +38,15 @@ class SH2CLI(LightningCLI):
                              "checkpoint.filename": "step{step:07d}-val{val/loss:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(ValidationReport, "report")
+        # `sh2 predict` reads its sequences and options from this group (scoring, embeddings, generation).
+        parser.add_class_arguments(PredictDataModule, "prediction", instantiate=True, sub_configs=True)
+
+    def before_predict(self) -> None:
+        """Predict on ``prediction.path`` and write the records to ``prediction.output``."""
+        predict = self.config_init[self.subcommand]["prediction"]
+        self.datamodule = predict
+        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter(predict.output))
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -120,6 +120,7 @@ class PredictDataModule(L.LightningDataModule):
 
     Args:
         path: FASTA (``.fa/.fasta/.fna``..., optionally compressed) or text file, one sequence per line.
+        output: where ``sh2 predict`` writes the records (``.jsonl`` or ``.pt``, see :class:`PredictionWriter`).
         task: ``score`` (log-probabilities), ``embed`` (scores + hidden states) or ``generate``.
         batch_size: sequences per batch (right-padded for scoring, left-padded for generation).
         max_length: truncate sequences to this many characters.
@@ -137,7 +138,8 @@ class PredictDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
     """
 
-    def __init__(self, path: str, task: str = "score", batch_size: int = 8, max_length: int | None = None,
+    def __init__(self, path: str | None = None, output: str = "predictions.jsonl", task: str = "score",
+                 batch_size: int = 8, max_length: int | None = None,
                  uppercase: bool = True, reverse_complement: bool = False, per_token: bool = False,
                  layers: list[int] | None = None, pool: str = "mean", max_new_tokens: int = 100,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, alphabet: str | None = None,
@@ -148,11 +150,15 @@ class PredictDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
         self.path, self.batch_size, self.max_length, self.num_workers = path, batch_size, max_length, num_workers
+        self.output = output
         self.options = dict(task=task, uppercase=uppercase, reverse_complement=reverse_complement,
                             per_token=per_token, layers=layers, pool=pool, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, alphabet=alphabet, seed=seed)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.path is None:
+            raise ValueError("prediction.path is not set: name the FASTA or text file of sequences to predict on "
+                             "(sh2 predict --config ... --prediction.path seqs.fasta)")
         return predict_dataloader(self.path, self.batch_size, self.max_length, self.num_workers, **self.options)
 
 

@@ -120,6 +120,12 @@ class SH2LightningModule(L.LightningModule):
         if w.sum() > 0:
             self.val_loss.update(ce[w > 0], w[w > 0])
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Scores, embeddings or generations for a batch of ``sh2.inference.predict.PredictDataModule``."""
+        from sh2.inference.predict import predict_batch
+
+        return predict_batch(self.model, batch)
+
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
             return

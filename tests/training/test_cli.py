@@ -98,3 +98,32 @@ def test_unknown_yaml_field_is_named(tmp_path):
     res = run_sh2("fit", "--config", str(bad), cwd=tmp_path)
     assert res.returncode != 0
     assert "lrr" in res.stderr
+
+
+@pytest.mark.slow
+def test_predict_scores_and_generates_from_a_trained_checkpoint(tmp_path):
+    logs = tmp_path / "runs"
+    res = run_sh2("fit", "--config", str(ROOT / "configs/tiny.yaml"), *FAST, "--trainer.max_steps", "2",
+                  "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = logs / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text(">a\nACGTACGTAC\n>b\nGGGCCCAAATTT\n>c\nacgtn\n")
+    out = tmp_path / "scores.jsonl"
+    res = run_sh2("predict", "--config", str(ROOT / "configs/predict.yaml"), "--model.init_from", str(ckpt),
+                  "--prediction.path", str(fasta), "--prediction.output", str(out), "--prediction.per_token", "true",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", "c"]
+    assert [r["length"] for r in records] == [10, 12, 5]
+    for r in records:
+        assert r["logprob_sum"] < 0 and len(r["token_logprobs"]) == r["length"] - 1  # no BOS: first token unscored
+    gen = tmp_path / "gen.jsonl"
+    res = run_sh2("predict", "--config", str(ROOT / "configs/predict.yaml"), "--model.init_from", str(ckpt),
+                  "--prediction.path", str(fasta), "--prediction.output", str(gen), "--prediction.task", "generate",
+                  "--prediction.max_new_tokens", "8", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in (json.loads(line) for line in gen.read_text().splitlines()):
+        assert len(r["generated"]) == 8 and set(r["generated"]) <= set("ACGT")
