@@ -1,0 +1,54 @@
+"""Everything distributed: context parallelism (SPEC 3) on FSDP2 or DeepSpeed.
+
+Strategies (Lightning), selectable in YAML by ``class_path`` or by registered name:
+
+- :class:`ContextParallelStrategy` (``strategy: sh2_cp``): CP + FSDP2 over a named DeviceMesh.
+- :class:`~sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy` (``strategy: sh2_cp_deepspeed``):
+  CP + DeepSpeed ZeRO; imported lazily, needs the ``deepspeed`` package.
+
+The registered names use ``context_parallel_size="auto"`` (all processes of a node share a sequence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from sh2.strategies.context_parallel import ContextParallelMixin, ContextParallelStrategy
+from sh2.strategies.cp_comm import CPGroup
+from sh2.strategies.cp_ops import CPConfig, CPSequenceOps
+from sh2.strategies.parallelize import apply_context_parallel, context_parallel_loss, parallelize
+from sh2.strategies.sharding import shard_batch, shard_sequence, unshard_sequence, zigzag_indices
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ContextParallelDeepSpeedStrategy":
+        from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
+
+        return ContextParallelDeepSpeedStrategy
+    raise AttributeError(f"module 'sh2.strategies' has no attribute {name!r}")
+
+
+def _cp_deepspeed(**kwargs: Any) -> Any:
+    from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
+
+    return ContextParallelDeepSpeedStrategy(**kwargs)
+
+
+def register_strategies() -> None:
+    """Register ``sh2_cp`` and ``sh2_cp_deepspeed`` with Lightning's StrategyRegistry (idempotent)."""
+    if "sh2_cp" not in StrategyRegistry:
+        StrategyRegistry.register("sh2_cp", ContextParallelStrategy,
+                                  description="sh2 context parallelism + FSDP2", context_parallel_size="auto")
+    if "sh2_cp_deepspeed" not in StrategyRegistry:
+        StrategyRegistry.register("sh2_cp_deepspeed", _cp_deepspeed,
+                                  description="sh2 context parallelism + DeepSpeed ZeRO-2",
+                                  context_parallel_size="auto")
+
+
+register_strategies()
+
+__all__ = ["ContextParallelStrategy", "ContextParallelDeepSpeedStrategy", "ContextParallelMixin", "CPConfig",
+           "CPGroup", "CPSequenceOps", "apply_context_parallel", "context_parallel_loss", "parallelize",
+           "register_strategies", "shard_batch", "shard_sequence", "unshard_sequence", "zigzag_indices"]

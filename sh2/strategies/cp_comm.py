@@ -1,0 +1,277 @@
+"""Communication primitives of context parallelism, each differentiable.
+
+Every helper works on the zig-zag layout of SPEC 3.1: a sequence of length ``L`` is cut into ``2*cp``
+chunks of ``c = L / (2*cp)`` tokens and rank ``r`` holds chunks ``r`` and ``2*cp-1-r`` (called A and B
+below), concatenated, so a local activation is ``[B, 2c, C]``.
+
+- :func:`seq_to_channel` / :func:`channel_to_seq`: the all-to-all that turns ``[B, 2c, C]`` (sequence
+  shards) into ``[B, L, C/cp]`` (the whole sequence in natural order, a contiguous channel slice) and back.
+  Each is the adjoint of the other, so each one's backward is the other.
+- :func:`exchange`: swap a tensor with a partner rank (a pairwise butterfly exchange); self-adjoint.
+- :func:`halo_exchange` / :func:`start_halo_exchange`: the last ``H`` rows of the causally preceding
+  chunk, for each of the two local chunks; the backward returns the halo gradients to their owners.
+
+All collectives go through ``torch.distributed`` on the group of a :class:`CPGroup`, with NCCL on GPUs and
+gloo on CPU (both support all-to-all and batched point-to-point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+
+@dataclass
+class CPGroup:
+    """A context-parallel process group and this process's place in it.
+
+    Attributes:
+        group: the process group of the CP ranks (``None`` = the default group).
+        rank: rank inside the group (its zig-zag index).
+        size: number of ranks ``cp``.
+        global_ranks: global rank of every group rank (for point-to-point peers).
+    """
+
+    group: Any
+    rank: int
+    size: int
+    global_ranks: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_group(cls, group: Any = None) -> CPGroup:
+        """Describe an initialised process group (``None`` = world)."""
+        size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        ranks = [dist.get_global_rank(group, i) if group is not None else i for i in range(size)]
+        return cls(group=group, rank=rank, size=size, global_ranks=ranks)
+
+    def peer(self, group_rank: int) -> int:
+        """Global rank of a group rank."""
+        return self.global_ranks[group_rank]
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+def pack_seq_to_channel(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """``[B, 2c, C]`` -> send buffer ``[cp, B, 2c, C/cp]`` (slice j goes to rank j)."""
+    B, S, C = x.shape
+    return x.reshape(B, S, cp, C // cp).permute(2, 0, 1, 3).contiguous()
+
+
+def unpack_seq_to_channel(buf: torch.Tensor) -> torch.Tensor:
+    """Received ``[cp, B, 2c, d]`` (row = source rank) -> ``[B, L, d]`` in natural sequence order."""
+    cp, B, S, d = buf.shape
+    c = S // 2
+    chunks = torch.cat([buf[:, :, :c], buf[:, :, c:].flip(0)], dim=0)  # chunk i = row i of [2cp, B, c, d]
+    return chunks.permute(1, 0, 2, 3).reshape(B, 2 * cp * c, d)
+
+
+def pack_channel_to_seq(y: torch.Tensor, cp: int) -> torch.Tensor:
+    """``[B, L, d]`` natural order -> send buffer ``[cp, B, 2c, d]`` (row j = chunks j and 2cp-1-j)."""
+    B, L, d = y.shape
+    c = L // (2 * cp)
+    chunks = y.reshape(B, 2 * cp, c, d).permute(1, 0, 2, 3)
+    return torch.cat([chunks[:cp], chunks[cp:].flip(0)], dim=2).contiguous()
+
+
+def unpack_channel_to_seq(buf: torch.Tensor) -> torch.Tensor:
+    """Received ``[cp, B, 2c, d]`` (row = source rank's channel slice) -> ``[B, 2c, cp*d]``."""
+    cp, B, S, d = buf.shape
+    return buf.permute(1, 2, 0, 3).reshape(B, S, cp * d)
+
+
+def all_to_all(buf: torch.Tensor, cpg: CPGroup, async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """All-to-all over dim 0 of a contiguous ``[cp, ...]`` buffer; returns ``(received, work or None)``.
+
+    A 1-rank group still calls the collective (so ``force_cp_ops`` exercises the NCCL path on one GPU).
+    """
+    out = torch.empty_like(buf)
+    work = dist.all_to_all_single(out, buf, group=cpg.group, async_op=async_op)
+    return out, work
+
+
+def _seq_to_channel(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+    out, _ = all_to_all(pack_seq_to_channel(x, cpg.size), cpg)
+    return unpack_seq_to_channel(out)
+
+
+def _channel_to_seq(y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+    out, _ = all_to_all(pack_channel_to_seq(y, cpg.size), cpg)
+    return unpack_channel_to_seq(out)
+
+
+class _SeqToChannel(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+        ctx.cpg = cpg
+        return _seq_to_channel(x, cpg)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _channel_to_seq(grad, ctx.cpg), None
+
+
+class _ChannelToSeq(Function):
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+        ctx.cpg = cpg
+        return _channel_to_seq(y, cpg)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _seq_to_channel(grad, ctx.cpg), None
+
+
+def seq_to_channel(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+    """Zig-zag sequence shards ``[B, 2c, C]`` -> whole sequence, channel slice ``[B, L, C/cp]``."""
+    if x.shape[-1] % cpg.size:
+        raise ValueError(f"seq_to_channel: width {x.shape[-1]} is not divisible by cp={cpg.size}")
+    return _SeqToChannel.apply(x, cpg)
+
+
+def channel_to_seq(y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+    """Whole sequence, channel slice ``[B, L, C/cp]`` -> zig-zag sequence shards ``[B, 2c, C]``."""
+    return _ChannelToSeq.apply(y, cpg)
+
+
+# ------------------------------------------------------------------------------------- point to point
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def batch_p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], cpg: CPGroup,
+              tag: int = 0) -> list[Any]:
+    """Post isend/irecv pairs (peers are group ranks) as one batch; returns the work handles."""
+    ops = [dist.P2POp(dist.isend, _real_view(t), cpg.peer(p), cpg.group, tag) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, _real_view(t), cpg.peer(p), cpg.group, tag) for t, p in recvs]
+    if not ops:
+        return []
+    return list(dist.batch_isend_irecv(ops))
+
+
+def wait_all(works: list[Any]) -> None:
+    for w in works:
+        w.wait()
+
+
+def _sendrecv(x: torch.Tensor, peer: int, cpg: CPGroup) -> torch.Tensor:
+    if peer == cpg.rank:
+        return x
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    wait_all(batch_p2p([(x, peer)], [(out, peer)], cpg))
+    return out
+
+
+class _Exchange(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, peer: int, cpg: CPGroup) -> torch.Tensor:
+        ctx.peer, ctx.cpg = peer, cpg
+        out = _sendrecv(x, peer, cpg)
+        return out.clone() if out is x else out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _sendrecv(grad, ctx.peer, ctx.cpg), None, None
+
+
+def exchange(x: torch.Tensor, peer: int, cpg: CPGroup) -> torch.Tensor:
+    """Send ``x`` to group rank ``peer`` and return the peer's tensor of the same shape (a swap)."""
+    return _Exchange.apply(x, peer, cpg)
+
+
+# ------------------------------------------------------------------------------------------------ halos
+class PendingWork:
+    """Work handles of an exchange still in flight; :meth:`wait` before reading its buffers."""
+
+    def __init__(self) -> None:
+        self.works: list[Any] = []
+
+    def wait(self) -> None:
+        wait_all(self.works)
+        self.works = []
+
+
+def _post_halos(u: torch.Tensor, H: int, cpg: CPGroup) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+    """Start the forward halo exchange of ``u [B, 2c, C]``; returns the (still filling) halos and works."""
+    r, cp = cpg.rank, cpg.size
+    B, S, C = u.shape
+    c = S // 2
+    tail_a, tail_b = u[:, c - H:c].contiguous(), u[:, S - H:].contiguous()
+    halo_a = u.new_zeros(B, H, C)
+    halo_b = tail_a.clone() if r == cp - 1 else u.new_empty(B, H, C)
+    sends, recvs = [], []
+    if r < cp - 1:  # my chunk A precedes rank r+1's chunk A; rank r+1's chunk B precedes my chunk B
+        sends.append((tail_a, r + 1))
+        recvs.append((halo_b, r + 1))
+    if r > 0:
+        sends.append((tail_b, r - 1))
+        recvs.append((halo_a, r - 1))
+    return halo_a, halo_b, batch_p2p(sends, recvs, cpg, tag=11)
+
+
+def _halo_backward(g_a: torch.Tensor, g_b: torch.Tensor, S: int, cpg: CPGroup) -> torch.Tensor:
+    """Return the halo gradients to their owners; the gradient of the local ``[B, 2c, C]`` input."""
+    r, cp = cpg.rank, cpg.size
+    B, H, C = g_a.shape
+    c = S // 2
+    grad = g_a.new_zeros(B, S, C)
+    got_a, got_b = g_a.new_zeros(B, H, C), g_a.new_zeros(B, H, C)
+    sends, recvs = [], []
+    if r > 0:
+        sends.append((g_a.contiguous(), r - 1))
+        recvs.append((got_b, r - 1))
+    if r < cp - 1:
+        sends.append((g_b.contiguous(), r + 1))
+        recvs.append((got_a, r + 1))
+    wait_all(batch_p2p(sends, recvs, cpg, tag=12))
+    if r == cp - 1:
+        got_a = got_a + g_b
+    grad[:, c - H:c] += got_a
+    grad[:, S - H:] += got_b
+    return grad
+
+
+class _HaloExchange(Function):
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, H: int, cpg: CPGroup, pending: PendingWork | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.H, ctx.cpg, ctx.S = H, cpg, u.shape[1]
+        halo_a, halo_b, works = _post_halos(u, H, cpg)
+        if pending is None:
+            wait_all(works)
+        else:
+            pending.works.extend(works)
+        return halo_a, halo_b
+
+    @staticmethod
+    def backward(ctx: Any, g_a: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _halo_backward(g_a, g_b, ctx.S, ctx.cpg), None, None, None
+
+
+def check_halo(H: int, chunk: int, what: str, cp: int) -> None:
+    """Raise a clear error when a halo of ``H`` rows needs more than one preceding chunk."""
+    if H > chunk:
+        raise ValueError(
+            f"{what}: a filter of {H + 1} taps needs the {H} preceding tokens, but each zig-zag chunk holds only "
+            f"{chunk} tokens (sequence length {2 * cp * chunk}, context_parallel_size={cp}). Use sequences of at "
+            f"least {2 * cp * H} tokens, or the 'a2a' scheme for this operator.")
+
+
+def halo_exchange(u: torch.Tensor, H: int, cpg: CPGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``H`` rows preceding each local chunk of ``u [B, 2c, C]`` (zeros before the first token).
+
+    Returns:
+        ``(halo_a, halo_b)``, each ``[B, H, C]``: the inputs that causally precede chunk A and chunk B.
+    """
+    return _HaloExchange.apply(u, H, cpg, None)
+
+
+def start_halo_exchange(u: torch.Tensor, H: int, cpg: CPGroup) -> tuple[torch.Tensor, torch.Tensor, PendingWork]:
+    """Like :func:`halo_exchange` but returns at once; call ``pending.wait()`` before reading the halos."""
+    pending = PendingWork()
+    halo_a, halo_b = _HaloExchange.apply(u, H, cpg, pending)
+    return halo_a, halo_b, pending

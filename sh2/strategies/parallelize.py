@@ -1,0 +1,143 @@
+"""Apply context parallelism and FSDP2 to an :class:`~sh2.models.model.SH2Model` from outside.
+
+torchtitan style: the model is plain PyTorch; this module builds one named DeviceMesh
+(``dp_replicate`` x ``dp_shard`` x ``cp``, CP innermost so a CP group is a set of neighbouring ranks), then
+
+1. sets a :class:`~sh2.strategies.cp_ops.CPSequenceOps` on every mixer (``block.mixer.ops``), and
+2. shards parameters with FSDP2 ``fully_shard`` per block, then the root, over the data-parallel x
+   context-parallel ranks (``dp_shard`` and ``cp`` flattened; HSDP when ``dp_replicate > 1``).
+
+With a low-precision ``MixedPrecisionPolicy`` the Hyena-LI modal filters become their own FSDP units with
+an fp32 policy (SPEC 1.2: poles and residues stay fp32); their ``log_poles``/``residues`` methods are
+registered as forward methods so FSDP gathers them when the mixer calls them (and these tiny units stay
+gathered from the forward to the backward, since ``residues()`` may return the parameter itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sh2.models.filters import ModalFilter
+from sh2.strategies.cp_comm import CPGroup
+from sh2.strategies.cp_ops import CPConfig, CPSequenceOps, validate_cp_settings
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
+
+
+def build_mesh(device_type: str, dp_replicate: int, dp_shard: int, cp: int) -> Any:
+    """The named 3-D DeviceMesh ``(dp_replicate, dp_shard, cp)`` over all ranks.
+
+    Raises:
+        ValueError: if the product of the sizes is not the world size.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if dp_replicate * dp_shard * cp != world:
+        raise ValueError(f"data_parallel_replicate_size ({dp_replicate}) x data_parallel_shard_size ({dp_shard}) x "
+                         f"context_parallel_size ({cp}) = {dp_replicate * dp_shard * cp} must equal the world size "
+                         f"({world})")
+    mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, cp), mesh_dim_names=MESH_DIMS)
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def fsdp_mesh(mesh: Any) -> Any:
+    """The mesh FSDP2 shards over: ``dp_shard_cp`` (1-D), or ``(dp_replicate, dp_shard_cp)`` for HSDP."""
+    if mesh["dp_replicate"].size() > 1:
+        return mesh["dp_replicate", "dp_shard_cp"]
+    return mesh["dp_shard_cp"]
+
+
+def cp_group_of(mesh: Any) -> CPGroup:
+    """The :class:`CPGroup` of this rank from the mesh's ``cp`` dimension."""
+    sub = mesh["cp"]
+    return CPGroup(group=sub.get_group(), rank=sub.get_local_rank(), size=sub.size(),
+                   global_ranks=[int(r) for r in sub.mesh.flatten().tolist()])
+
+
+def apply_context_parallel(model: nn.Module, cpg: CPGroup, cp_config: CPConfig | None = None) -> CPSequenceOps:
+    """Validate the settings against the model config and set the CP ops on every mixer."""
+    cp_config = cp_config or CPConfig()
+    validate_cp_settings(model.config, cpg.size, cp_config)
+    ops = CPSequenceOps(cpg, cp_config)
+    for block in model.blocks:
+        block.mixer.ops = ops
+    return ops
+
+
+def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
+    """FSDP2 per block, then the root; modal filters in their own fp32 unit under a low-precision policy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = mp_policy or MixedPrecisionPolicy()
+    low_precision = policy.param_dtype not in (None, torch.float32)
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        filt = getattr(block.mixer, "filter", None)
+        if low_precision and isinstance(filt, ModalFilter):
+            # kept gathered until the backward: ``residues()`` may return the parameter itself
+            fully_shard(filt, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
+            for method in ("log_poles", "residues", "weight"):
+                register_fsdp_forward_method(filt, method)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def mixed_precision_policy(name: str | None) -> Any:
+    """``None`` / ``"fp32"`` (no policy), ``"bf16"`` or ``"fp16"`` (params cast for compute, fp32 reduction)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if name in (None, "fp32", "32", "none"):
+        return None
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"mixed_precision must be one of None, 'fp32', 'bf16', 'fp16'; got {name!r}")
+    return MixedPrecisionPolicy(param_dtype=dtypes[name], reduce_dtype=torch.float32)
+
+
+def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, *, mp_policy: Any = None,
+                shard_parameters: bool = True, reshard_after_forward: bool = True,
+                force_cp_ops: bool = False) -> nn.Module:
+    """Apply CP ops and FSDP2 to ``model`` in place (fixed order: CP, then FSDP) and return it.
+
+    Args:
+        model: an :class:`~sh2.models.model.SH2Model` (materialised or on the meta device).
+        mesh: the mesh of :func:`build_mesh`.
+        cp_config: the scheme per operator type.
+        mp_policy: an FSDP2 ``MixedPrecisionPolicy`` (see :func:`mixed_precision_policy`).
+        shard_parameters: apply FSDP2 (False leaves parameters replicated, e.g. under DeepSpeed).
+        reshard_after_forward: FSDP2 ``reshard_after_forward`` for every unit.
+        force_cp_ops: use the CP operators even with cp = 1 (to exercise their code path on one rank).
+    """
+    cpg = cp_group_of(mesh)
+    if cpg.size > 1 or force_cp_ops:
+        apply_context_parallel(model, cpg, cp_config)
+    if shard_parameters:
+        apply_fsdp(model, fsdp_mesh(mesh), mp_policy, reshard_after_forward)
+    return model
+
+
+def context_parallel_loss(loss_sum: torch.Tensor, weight_sum: torch.Tensor, cpg: CPGroup | None,
+                          min_weight: float = 1.0) -> torch.Tensor:
+    """Token-weighted loss of a CP group whose gradients match the single-process ones.
+
+    Every CP rank holds ``loss_sum`` and ``weight_sum`` of its shard. The value returned is the loss of
+    the whole sequence, ``sum_j loss_sum_j / sum_j weight_sum_j`` (the same on every CP rank, so logging
+    is CP-agnostic). Its gradient on rank j is ``cp * d(loss_sum_j) / W``: FSDP (or DeepSpeed) averages
+    gradients over the data-parallel x context-parallel ranks, so the cp factor cancels the averaging over
+    the CP ranks and the result equals the gradient of the single-process loss, averaged over dp.
+    The total weight is clamped to ``min_weight`` like the single-process ``loss_sum / max(weight_sum, 1)``.
+    """
+    if cpg is None or cpg.size == 1:
+        return loss_sum / weight_sum.clamp_min(min_weight)
+    stats = torch.stack([loss_sum.detach().float(), weight_sum.detach().float()])
+    dist.all_reduce(stats, group=cpg.group)
+    total = stats[1].clamp_min(min_weight)
+    local = loss_sum * (cpg.size / total)
+    return local + (stats[0] / total - local).detach()
