@@ -11,8 +11,6 @@ Examples:
 
 from __future__ import annotations
 
-import sys
-
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -72,7 +70,7 @@ def main(args: list[str] | None = None) -> None:
             "max_steps": 1000,
             "gradient_clip_val": None,
         },
-        args=args if args is not None else sys.argv[1:],
+        args=args,
         auto_configure_optimizers=False,
     )
 
