@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-EOD_ID = 0
-PAD_ID = 1
+from sh2.data.tokenizer import PAD_ID, ByteTokenizer
+
+_DECODER = ByteTokenizer()
 _COMPLEMENT = str.maketrans("ACGTUNacgtun", "TGCAANtgcaan")
 
 
@@ -22,7 +23,7 @@ def encode(text: str, uppercase: bool = False) -> list[int]:
 
 def decode(ids: Sequence[int]) -> str:
     """Text of byte ids; ids outside 32..255 (EOD, padding, control bytes, ids >= 256) are dropped."""
-    return bytes(i for i in ids if 32 <= i <= 255).decode("utf-8", errors="replace")
+    return _DECODER.decode(list(ids))
 
 
 def encode_batch(texts: Sequence[str] | Sequence[Sequence[int]], pad: str = "right", uppercase: bool = False,
