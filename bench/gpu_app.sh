@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# The training application on one GPU, in one go (used for docs/benchmarks.md):
-#   bash bench/gpu_app.sh OUT_DIR [steps]
-# 1. GPU-marked tests; 2. the Evo 2 1B config for a few dozen bf16 steps with FSDP2 (sh2's strategy, CP = 1),
-# DeepSpeed ZeRO-2 and a plain single-device run; 3. the CP code paths on CUDA (bench/cp_check.py).
+# The training application on one GPU, in one go (the figures of docs/benchmarks.md):
+#   bash bench/gpu_app.sh OUT_DIR [STEPS] [PARTS...]
+# PARTS (default: all): tests fsdp2 deepspeed single cpcheck generate e2e e2e_long
+#   tests     GPU-marked tests
+#   fsdp2     Evo 2 1B config, STEPS bf16 steps, FSDP2 (sh2 ContextParallelStrategy, CP = 1)
+#   deepspeed the same with DeepSpeed ZeRO-2;  single: the same with Lightning's single-device strategy
+#   cpcheck   the CP operators' code paths on CUDA in a 1-rank NCCL group (bench/cp_check.py)
+#   generate  1,000 tokens from a random 7B-shape model after a 100K-token prompt (bench/generate.py)
+#   e2e       training step of an 8-layer 7B-width SH2 stack vs the Transformer layout at 8K (bench/e2e.py)
+#   e2e_long  the same at 32K and 128K with activation checkpointing
 # Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
 set -uo pipefail
-OUT=${1:-/tmp/sh2_gpu}; STEPS=${2:-40}
+OUT=${1:-/tmp/sh2_gpu}; STEPS=${2:-40}; shift $(( $# > 2 ? 2 : $# ))
+PARTS=${*:-tests fsdp2 deepspeed single cpcheck generate e2e e2e_long}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if [ -d .whl_train ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_train/*.whl
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 date -u
-step() {  # step NAME CMD...: run, keep the whole log, show the lines that matter
-  local name=$1; shift
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep the whole log, show the lines that matter
+  local name=$1 limit=$2; shift 2
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  grep -aE "^\[sh2\]|Error|error:|passed|failed|skipped|FAIL|OK |max_rel|loss" "$OUT/$name.log" | grep -v Warning | tail -25
+  grep -aE "^\[sh2\]|Error|error:|passed|failed|FAIL|max rel|^ *[0-9]+ +(sh2|transformer)|prefill|decode|peak|\"" \
+    "$OUT/$name.log" | grep -v Warning | tail -30
   echo "--- $name rc=$rc in $((SECONDS - t0)) s"
 }
 FIT=(python3 -m sh2 fit --config configs/evo2_1b_8k.yaml --trainer.max_steps "$STEPS"
-     --trainer.val_check_interval "$STEPS" --trainer.limit_val_batches 2 --data.val_batches 2 --data.num_workers 1
-     --checkpoint.save_last false --checkpoint.save_top_k 0 --trainer.logger.init_args.save_dir /tmp/runs)
-step gpu_tests python3 -m pytest -q -m gpu tests -x -p no:cacheprovider
-step fit_1b_fsdp2 "${FIT[@]}"
-step fit_1b_deepspeed2 "${FIT[@]}" --trainer.strategy deepspeed_stage_2
-step fit_1b_single "${FIT[@]}" --trainer.strategy auto
-step cp_check python3 bench/cp_check.py --out "$OUT/cp_check.json"
+     --trainer.val_check_interval "$STEPS" --trainer.limit_val_batches 2 --data.val_fraction 0.1
+     --data.val_batches 2 --data.num_workers 1 --checkpoint.save_last false --checkpoint.save_top_k 0
+     --trainer.logger.init_args.save_dir /tmp/runs)
+for part in $PARTS; do
+  case $part in
+    tests) step gpu_tests 200 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider ;;
+    fsdp2) step fit_1b_fsdp2 150 "${FIT[@]}" ;;
+    deepspeed) step fit_1b_deepspeed2 150 "${FIT[@]}" --trainer.strategy sh2_deepspeed_stage_2 ;;
+    single) step fit_1b_single 150 "${FIT[@]}" --trainer.strategy auto ;;
+    cpcheck) step cp_check 150 python3 bench/cp_check.py --no-deepspeed --out "$OUT/cp_check.json" ;;
+    generate) step generate_7b 150 python3 bench/generate.py --preset evo2_7b_8k --prompt-len 100000 \
+                --new-tokens 1000 --out "$OUT/generate_7b.json" ;;
+    e2e) step e2e 200 python3 bench/e2e.py --preset evo2_7b_8k --layers 8 --lengths 8192 --steps 4 \
+           --out "$OUT/e2e.json" ;;
+    e2e_long) step e2e_long 240 python3 bench/e2e.py --preset evo2_7b_8k --layers 8 --lengths 32768 131072 \
+           --steps 3 --checkpointing --out "$OUT/e2e_long.json" ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done

@@ -16,6 +16,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import sh2.strategies  # noqa: F401  (registers the strategy names sh2_cp, sh2_deepspeed_stage_2, ...)
 from sh2.data.datamodule import SH2DataModule
 from sh2.inference.predict import PredictDataModule, PredictionWriter
 from sh2.training.callbacks import AtomicCheckpointIO, ValidationReport

@@ -23,6 +23,11 @@ from sh2.kernels import reference
 
 _BACKENDS = ("auto", "torch", "triton")
 
+# Under this many tokens ``auto`` runs the FIR reference: the blocked kernels tile 16-128 tokens, so short
+# calls (the 2(K-1)-token boundary corrections of overlapped context parallelism, tiny tests) gain nothing,
+# and the bf16 blocked backward has failed on the GPU for a 12-token call (illegal memory access).
+MIN_TRITON_FIR_LEN = 128
+
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"`` for a requested backend and an input tensor."""
@@ -83,7 +88,10 @@ def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
         ``[B, L, D]`` in the dtype of q (fp32 accumulation).
     """
     check_gated_inputs(q, k, v, h, bias)
-    if resolve_backend(backend, q) == "triton":
+    chosen = resolve_backend(backend, q)
+    if chosen == "triton" and backend == "auto" and q.shape[1] < MIN_TRITON_FIR_LEN:
+        chosen = "torch"
+    if chosen == "triton":
         from sh2.kernels.fir import gated_fir_conv_triton
 
         return gated_fir_conv_triton(q, k, v, h, bias)
@@ -105,10 +113,8 @@ def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto
     """Causal depthwise convolution of ``x [B, L, C]`` with ``w [C, K]`` (causal orientation)."""
     if x.dim() != 3 or w.dim() != 2 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"expected x [B, L, C] and w [C, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    if resolve_backend(backend, x) == "triton":
-        from sh2.kernels.short_conv import causal_depthwise_conv_triton
-
-        return causal_depthwise_conv_triton(x, w)
+    resolve_backend(backend, x)  # validates ``backend``
+    # No Triton featurizer kernel yet (optional in issue 4): every backend uses the reference.
     return reference.causal_depthwise_conv_ref(x, w)
 
 

@@ -9,7 +9,6 @@ result is cast back to the input dtype.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,6 +18,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def causal_depthwise_conv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Causal depthwise convolution ``y[b, t, c] = sum_s w[c, s] * x[b, t - s, c]``.
 
+    Computed as K shifted multiply-adds in the ``[B, L, C]`` layout into one fp32 accumulator: no
+    transposed or padded fp32 copies of the input (the featurizer runs on ``[B, L, 3D]`` tensors of
+    several GB at long L).
+
     Args:
         x: input ``[B, L, C]``.
         w: filters ``[C, K]`` in causal orientation.
@@ -27,11 +30,13 @@ def causal_depthwise_conv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ``[B, L, C]`` in the dtype of ``x``.
     """
     cd = _compute_dtype(x.dtype)
-    C, K = w.shape
-    xt = x.to(cd).transpose(1, 2)  # [B, C, L]
-    weight = w.to(cd).flip(-1).unsqueeze(1)  # conv1d is a cross-correlation: last tap = current token
-    y = F.conv1d(F.pad(xt, (K - 1, 0)), weight, groups=C)
-    return y.transpose(1, 2).to(x.dtype)
+    K = w.shape[1]
+    wc = w.to(cd)
+    y = x.to(cd) * wc[:, 0]
+    L = x.shape[1]
+    for s in range(1, min(K, L)):
+        y[:, s:].addcmul_(x[:, : L - s], wc[:, s])
+    return y.to(x.dtype)
 
 
 def expand_groups(h: torch.Tensor, channels: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ Strategies (Lightning), selectable in YAML by ``class_path`` or by registered na
 - :class:`~sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy` (``strategy: sh2_cp_deepspeed``):
   CP + DeepSpeed ZeRO; imported lazily, needs the ``deepspeed`` package.
 
-The registered names use ``context_parallel_size="auto"`` (all processes of a node share a sequence).
+The registered names ``sh2_cp`` and ``sh2_cp_deepspeed`` use ``context_parallel_size="auto"`` (all processes
+of a node share a sequence); ``sh2_deepspeed_stage_{1,2,3}`` are plain ZeRO data parallelism (CP = 1).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def register_strategies() -> None:
         StrategyRegistry.register("sh2_cp_deepspeed", _cp_deepspeed,
                                   description="sh2 context parallelism + DeepSpeed ZeRO-2",
                                   context_parallel_size="auto")
+    for stage in (1, 2, 3):  # plain DeepSpeed ZeRO (no context parallelism): the switch of the GPU configs
+        name = f"sh2_deepspeed_stage_{stage}"
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, _cp_deepspeed, description=f"DeepSpeed ZeRO-{stage} for sh2 (CP = 1)",
+                                      context_parallel_size=1, stage=stage)
 
 
 register_strategies()

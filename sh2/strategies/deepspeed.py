@@ -56,6 +56,9 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                  a2a_pipeline_chunks: int = 2, ring_attention_backend: str = "auto", force_cp_ops: bool = False,
                  **kwargs: Any) -> None:
         require_deepspeed()
+        # Lightning would infer this logging-only batch size from the train dataloader before sh2's datamodule
+        # has built it (and fail); the micro-batch is the datamodule's batch_size either way.
+        kwargs.setdefault("logging_batch_size_per_gpu", 1)
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3 (ZeRO stage), got {stage!r}")
         if context_parallel_size != "auto" and (not isinstance(context_parallel_size, int)

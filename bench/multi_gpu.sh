@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Issue 7 in one command on one host with 4 GPUs (NCCL, NVLink multicast off), within ~9 minutes:
+#   bash bench/multi_gpu.sh OUT_DIR
+# 1. correctness of every CP operator and of the 7B-width model vs one GPU (bench/cp_multi.py) with 2 and 4 GPUs;
+# 2. scaling of a 7B-shape SE-MR-LI-MHA stack (LAYOUT, default SDH*) at 128K/256K/512K tokens with CP = 1 (the
+#    baseline), 2 and 4, default schemes and one scheme changed at a time (LI p2p_fft, SE/MR a2a, attention ring);
+# 3. training with `sh2 fit --config configs/evo2_7b_128k_cp.yaml` at the 7B width with LAYOUT's layers only (the
+#    32-layer model would not fit the time box): FSDP2 CP = 4 for FIT_STEPS steps and a checkpoint, resumed with
+#    CP = 2 on 2 GPUs for RESUME_STEPS steps, and DeepSpeed ZeRO-3 CP = 4 for DS_STEPS steps.
+# Logs: OUT_DIR/NAME.log; JSON: OUT_DIR/correctness_nN.json, scaling_nN.json; training CSV: OUT_DIR/csv/;
+# tables: OUT_DIR/summary.md. Checkpoints go to CKPT_DIR (default /tmp/sh2_multi_ckpt), not under OUT_DIR.
+# Every phase has a deadline (unused time rolls over to the next phases; BUDGET seconds in all) and a `timeout`;
+# cp_multi.py skips (and records) what would not fit; after a crash (e.g. out of memory on one rank) it is
+# relaunched with --resume, which records the failed check or configuration and goes on. All processes are
+# started by torchrun (Lightning reads its environment; no Lightning subprocess launcher).
+# Options (environment): BUDGET, SKIP="corr scal train deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS,
+# SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too slow for the time box), PY.
+# Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
+# DEVICE=cpu runs the same logic with gloo processes and tiny shapes (a smoke test of this script; no DeepSpeed).
+set -uo pipefail
+OUT=${1:?usage: bash bench/multi_gpu.sh OUT_DIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+# NVLink multicast stays off (KINDS.md), also for every child process.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# Triton kernel autotuning compiles and times every candidate config for every new shape (tens of seconds per
+# process on a cold cache): off by default to fit the time box; SH2_AUTOTUNE=1 bash bench/multi_gpu.sh to time it.
+export SH2_AUTOTUNE=${SH2_AUTOTUNE:-0}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-500}            # seconds for all phases (the whole call stays under 9 minutes); shares in at()
+SKIP=${SKIP:-}                   # phases not to run, e.g. SKIP="corr train" (words: corr scal train deepspeed)
+LAYOUT=${LAYOUT:-SDH*}           # layers of the scaling stack and of the training runs
+FIT_STEPS=${FIT_STEPS:-20}; RESUME_STEPS=${RESUME_STEPS:-6}; DS_STEPS=${DS_STEPS:-4}
+CKPT=${CKPT_DIR:-/tmp/sh2_multi_ckpt}
+rm -rf "$CKPT" "$OUT"/csv "$OUT"/*.json "$OUT"/*.err
+RUN=("$PY" -m torch.distributed.run --standalone)
+
+if [ -d .whl_train ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_train/*.whl \
+    > "$OUT/pip.log" 2>&1 || echo "pip install of .whl_train failed (see $OUT/pip.log)"
+fi
+
+if [ "$DEVICE" = cpu ]; then
+  SHAPE=(--device cpu --width 32 --heads 4 --groups 4 --mlp 64 --mr-filter-len 8 --li-state 4)
+  CORR=(--op-seq-len 64 --model-seq-len 64)
+  LENGTHS=(256 512 1024); VLENGTHS=(256 512)
+  SEQ=1024
+  OVR='{"rope_scaling": 16.0, "max_seq_len": 131072, "num_layers": 4, "layout": "'$LAYOUT'", "hidden_size": 32,
+        "num_heads": 4, "mlp_hidden_size": 64, "se_groups": 4, "mr_groups": 4, "mr_filter_len": 8}'
+  FIT_DEV=(--trainer.accelerator cpu --trainer.precision 32-true --data.num_workers 0
+           --trainer.strategy.init_args.process_group_backend gloo --trainer.strategy.init_args.mixed_precision null)
+else
+  SHAPE=(--device cuda)
+  CORR=(--op-seq-len 8192 --model-seq-len 8192)
+  LENGTHS=(131072 262144 524288); VLENGTHS=(131072 262144)
+  SEQ=131072
+  OVR='{"rope_scaling": 16.0, "max_seq_len": 131072, "layout": "'$LAYOUT'", "num_layers": '$(
+    "$PY" -c "from sh2.models.config import parse_layout; print(len(parse_layout('$LAYOUT')))")'}'
+  FIT_DEV=()
+fi
+
+T0=$SECONDS
+echo "== sh2 issue 7 multi-GPU run: $(date -u +%FT%TZ), OUT=$OUT, DEVICE=$DEVICE, LAYOUT=$LAYOUT, budget ${BUDGET}s"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi -L; nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 && cat "$OUT/topo.txt"
+fi
+"$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__,
+'gpus', torch.cuda.device_count())" 2>&1 | tee "$OUT/versions.txt"
+env | grep -E "^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISABLE_NVLS|SH2_AUTOTUNE)=" | tr '\n' ' '; echo
+
+SHOW='FAIL|cp_multi|^  cp[0-9]|^  model|resume:|\[sh2\]|Restor|Error|error:|Traceback|out of memory|Killed|skipped'
+at() { echo $(($1 * BUDGET / 1000)); }  # a phase's end, in per mille of BUDGET after T0
+phase() {  # phase NAME END CMD...: run CMD until T0 + END seconds at the latest; keep its log, show key lines
+  local name=$1 end=$2; shift 2
+  local left=$((T0 + end - SECONDS))
+  if [ "$left" -lt 15 ]; then echo "=== $name: not run (time box: ${left}s left)"; return 0; fi
+  echo "=== $name (timeout ${left}s): $*"
+  local t=$SECONDS
+  timeout -k 40 "$left" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -aE "$SHOW" "$OUT/$name.log" | grep -avE "Warning|warn\(" | tail -40
+  echo "--- $name rc=$rc in $((SECONDS - t)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+  return 0
+}
+skip() { case " $SKIP " in *" $1 "*) echo "=== $2: skipped (SKIP=$SKIP)"; return 0;; esac; return 1; }
+correctness() {  # correctness NPROC END: relaunched with --resume after a crash (the failing check is recorded)
+  local n=$1 end=$2 attempt
+  skip corr "correctness_n$n" && return
+  for attempt in 1 2 3; do
+    local left=$((T0 + end - SECONDS))
+    [ "$left" -lt 25 ] && break
+    phase "correctness_n${n}_try$attempt" "$end" "${RUN[@]}" --nproc_per_node "$n" bench/cp_multi.py correctness \
+      "${SHAPE[@]}" "${CORR[@]}" --layout "$LAYOUT" --time-budget $((left - 20)) --resume \
+      --out "$OUT/correctness_n$n.json"
+    grep -q "cp_multi correctness (cp=$n):" "$OUT/correctness_n${n}_try$attempt.log" && break
+  done
+}
+scaling() {  # scaling NPROC END STEPS: cp_multi scaling, relaunched with --resume after a crash (OOM, several ranks)
+  local n=$1 end=$2 steps=$3 attempt
+  skip scal "scaling_n$n" && return
+  for attempt in 1 2 3; do
+    local left=$((T0 + end - SECONDS))
+    [ "$left" -lt 25 ] && break
+    phase "scaling_n${n}_try$attempt" "$end" "${RUN[@]}" --nproc_per_node "$n" bench/cp_multi.py scaling "${SHAPE[@]}" \
+      --layout "$LAYOUT" --lengths "${LENGTHS[@]}" --variant-lengths "${VLENGTHS[@]}" --warmup 1 --steps "$steps" \
+      --time-budget $((left - 20)) --resume --out "$OUT/scaling_n$n.json"
+    grep -q "cp_multi scaling (cp=$n): done" "$OUT/scaling_n${n}_try$attempt.log" && break
+  done
+}
+
+# 1. correctness (2 and 4 GPUs)
+correctness 2 "$(at 120)"
+correctness 4 "$(at 210)"
+
+# 2. scaling: CP = 1 baseline, then 2 and 4 GPUs
+scaling 1 "$(at 320)" 1          # one timed step after the warm-up: CP = 1 steps take seconds
+scaling 2 "$(at 450)" 2
+scaling 4 "$(at 650)" 2
+
+# 3. training with sh2 fit (7B width, LAYOUT's layers, 128K tokens; no validation: the built-in demo data has no
+#    128K-token validation window), FSDP2 CP = 4 -> checkpoint -> CP = 2, and DeepSpeed ZeRO-3
+FIT=(-m sh2 fit --config configs/evo2_7b_128k_cp.yaml --model.overrides "$OVR" --data.seq_len "$SEQ"
+     --model.warmup_steps 5 --model.decay_steps 1000 --model.log_every_n_steps 5 --trainer.log_every_n_steps 1
+     --data.val_fraction 0 --trainer.limit_val_batches 0 --trainer.logger lightning.pytorch.loggers.CSVLogger
+     --trainer.logger.init_args.save_dir "$OUT/csv" --checkpoint.monitor null --checkpoint.save_top_k 0
+     "${FIT_DEV[@]}")
+training() {  # FSDP2 CP = 4 and a checkpoint; resume with CP = 2 on 2 GPUs
+  skip train "fit_fsdp_cp4, fit_fsdp_cp2_resume" && return
+  phase fit_fsdp_cp4 "$(at 820)" "${RUN[@]}" --nproc_per_node 4 "${FIT[@]}" --trainer.devices 4 \
+    --trainer.strategy.init_args.context_parallel_size 4 --trainer.max_steps "$FIT_STEPS" \
+    --trainer.logger.init_args.name fit_fsdp_cp4 --checkpoint.save_last true --checkpoint.dirpath "$CKPT" \
+    --checkpoint.every_n_train_steps "$FIT_STEPS"
+  if [ ! -e "$CKPT/last.ckpt" ]; then echo "=== fit_fsdp_cp2_resume: not run (no checkpoint $CKPT/last.ckpt)"; return; fi
+  echo "checkpoint: $(du -sh "$CKPT/last.ckpt" | cut -f1) in $CKPT/last.ckpt"
+  phase fit_fsdp_cp2_resume "$(at 910)" "${RUN[@]}" --nproc_per_node 2 "${FIT[@]}" --trainer.devices 2 \
+    --trainer.strategy.init_args.context_parallel_size 2 --trainer.max_steps $((FIT_STEPS + RESUME_STEPS)) \
+    --trainer.logger.init_args.name fit_fsdp_cp2_resume --checkpoint.save_last false --ckpt_path "$CKPT/last.ckpt"
+}
+deepspeed_run() {  # DeepSpeed ZeRO-3, CP = 4 (CUDA only)
+  [ "$DEVICE" = cuda ] || { echo "=== fit_deepspeed3_cp4: not run on $DEVICE"; return; }
+  skip deepspeed fit_deepspeed3_cp4 && return
+  local ds='{"class_path": "sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy",
+             "init_args": {"context_parallel_size": 4, "stage": 3}}'
+  phase fit_deepspeed3_cp4 "$BUDGET" "${RUN[@]}" --nproc_per_node 4 "${FIT[@]}" --trainer.devices 4 \
+    --trainer.strategy "$ds" --trainer.max_steps "$DS_STEPS" --trainer.logger.init_args.name fit_deepspeed3_cp4 \
+    --checkpoint.save_last false
+}
+training
+deepspeed_run
+rm -rf "$CKPT"
+
+# 4. tables
+"$PY" bench/cp_multi.py summary "$OUT" > "$OUT/summary.log" 2>&1 && cat "$OUT/summary.md" || tail -20 "$OUT/summary.log"
+echo "== done in $((SECONDS - T0)) s ($(date -u +%FT%TZ))"
