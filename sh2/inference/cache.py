@@ -36,9 +36,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _last(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The last ``n`` steps of ``x [B, L, C]`` as ``[B, C, n]`` (zero-padded on the left if L < n)."""
+    """The last ``n`` steps of ``x [B, L, C]`` as ``[B, C, n]`` (zero-padded on the left if L < n).
+
+    Always a copy: a view would keep the whole prompt-length tensor alive in the cache (GBs per layer).
+    """
     x = x[:, -n:].transpose(1, 2) if n > 0 else x[:, :0].transpose(1, 2)
-    return F.pad(x, (n - x.shape[-1], 0)) if x.shape[-1] < n else x
+    return F.pad(x, (n - x.shape[-1], 0)) if x.shape[-1] < n else x.clone(memory_format=torch.contiguous_format)
 
 
 @dataclass

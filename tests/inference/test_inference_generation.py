@@ -126,3 +126,16 @@ def test_sampling_filters():
         sample_next(logits, top_p=0)
     with pytest.raises(ValueError, match="left-padded"):
         prefill(make_model("S"), torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]]))
+
+
+def test_hyena_caches_do_not_keep_prompt_length_tensors_alive():
+    """Each Hyena cache entry owns its few columns: a view would pin a [B, L, 3D] tensor per layer."""
+    model = make_model("SDH*SD")
+    L = 257
+    ids = torch.randint(0, 512, (1, L), generator=torch.Generator().manual_seed(5))
+    _, cache = prefill(model, ids, max_new_tokens=1)
+    for layer in cache.layers:
+        for name in ("featurizer", "fir", "li"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
