@@ -14,6 +14,7 @@
 # relaunched with --resume, which records the failed check or configuration and goes on. All processes are
 # started by torchrun (Lightning reads its environment; no Lightning subprocess launcher).
 # Options (environment): BUDGET, SKIP="corr scal train deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS,
+# LENGTHS and VLENGTHS (scaling lengths, and the lengths of the scheme variants; space-separated),
 # SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too slow for the time box), PY.
 # Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
 # DEVICE=cpu runs the same logic with gloo processes and tiny shapes (a smoke test of this script; no DeepSpeed).
@@ -55,7 +56,7 @@ if [ "$DEVICE" = cpu ]; then
 else
   SHAPE=(--device cuda)
   CORR=(--op-seq-len 8192 --model-seq-len 8192)
-  LENGTHS=(131072 262144 524288); VLENGTHS=(131072 262144)
+  read -ra LENGTHS <<< "${LENGTHS:-131072 262144 524288}"; read -ra VLENGTHS <<< "${VLENGTHS:-131072 262144}"
   SEQ=131072
   OVR='{"rope_scaling": 16.0, "max_seq_len": 131072, "layout": "'$LAYOUT'", "num_layers": '$(
     "$PY" -c "from sh2.models.config import parse_layout; print(len(parse_layout('$LAYOUT')))")'}'
