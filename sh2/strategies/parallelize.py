@@ -7,10 +7,8 @@ torchtitan style: the model is plain PyTorch; this module builds one named Devic
 2. shards parameters with FSDP2 ``fully_shard`` per block, then the root, over the data-parallel x
    context-parallel ranks (``dp_shard`` and ``cp`` flattened; HSDP when ``dp_replicate > 1``).
 
-With a low-precision ``MixedPrecisionPolicy`` the Hyena-LI modal filters become their own FSDP units with
-an fp32 policy (SPEC 1.2: poles and residues stay fp32); their ``log_poles``/``residues`` methods are
-registered as forward methods so FSDP gathers them when the mixer calls them (and these tiny units stay
-gathered from the forward to the backward, since ``residues()`` may return the parameter itself).
+With a low-precision ``MixedPrecisionPolicy`` every Hyena-LI mixer becomes its own FSDP unit with an fp32
+policy (SPEC 1.2: poles and residues stay fp32; see :func:`apply_fsdp`).
 """
 
 from __future__ import annotations
@@ -72,19 +70,25 @@ def apply_context_parallel(model: nn.Module, cpg: CPGroup, cp_config: CPConfig |
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
-    """FSDP2 per block, then the root; modal filters in their own fp32 unit under a low-precision policy."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    """FSDP2 per block, then the root; Hyena-LI mixers in their own fp32 unit under a low-precision policy.
+
+    The LI poles and residues must not be rounded to bf16 (the filter decays over up to 1M taps), so under a
+    bf16/fp16 policy each LI mixer is its own FSDP unit that gathers fp32 parameters and computes in fp32
+    (under autocast its projections still run in bf16), returning the policy's dtype. The unit is the mixer module, entered through a normal call with arguments:
+    a unit on the filter alone would need FSDP forward hooks on its argument-less methods, and torch 2.11's
+    root pre-forward fails on an empty argument tuple when activation checkpointing recomputes a block in
+    the backward pass (IndexError in ``_root_pre_forward``, seen on 4 H100s).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = mp_policy or MixedPrecisionPolicy()
     low_precision = policy.param_dtype not in (None, torch.float32)
-    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    # inputs cast to fp32 on entry, the output back to the policy's dtype for the rest of the block
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                output_dtype=policy.param_dtype, cast_forward_inputs=True)
     for block in model.blocks:
-        filt = getattr(block.mixer, "filter", None)
-        if low_precision and isinstance(filt, ModalFilter):
-            # kept gathered until the backward: ``residues()`` may return the parameter itself
-            fully_shard(filt, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
-            for method in ("log_poles", "residues", "weight"):
-                register_fsdp_forward_method(filt, method)
+        if low_precision and isinstance(getattr(block.mixer, "filter", None), ModalFilter):
+            fully_shard(block.mixer, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
