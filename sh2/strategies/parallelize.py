@@ -74,10 +74,11 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after
 
     The LI poles and residues must not be rounded to bf16 (the filter decays over up to 1M taps), so under a
     bf16/fp16 policy each LI mixer is its own FSDP unit that gathers fp32 parameters and computes in fp32
-    (under autocast its projections still run in bf16), returning the policy's dtype. The unit is the mixer module, entered through a normal call with arguments:
-    a unit on the filter alone would need FSDP forward hooks on its argument-less methods, and torch 2.11's
-    root pre-forward fails on an empty argument tuple when activation checkpointing recomputes a block in
-    the backward pass (IndexError in ``_root_pre_forward``, seen on 4 H100s).
+    (under autocast its projections still run in bf16), returning the policy's dtype. The unit is the
+    mixer module, entered through a normal call with arguments: a unit on the filter alone would need FSDP
+    forward hooks on its argument-less methods, and torch 2.11's root pre-forward fails on an empty
+    argument tuple when activation checkpointing recomputes a block in the backward pass (IndexError in
+    ``_root_pre_forward``, seen on 4 H100s).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
