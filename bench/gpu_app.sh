@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training application on one GPU, in one go (the figures of docs/benchmarks.md):
 #   bash bench/gpu_app.sh OUT_DIR [STEPS] [PARTS...]
-# PARTS (default: all): tests fsdp2 deepspeed single cpcheck generate e2e e2e_long
+# PARTS (default: all): tests fsdp2 deepspeed single cpcheck generate e2e e2e_long layers
 #   tests     GPU-marked tests
 #   fsdp2     Evo 2 1B config, STEPS bf16 steps, FSDP2 (sh2 ContextParallelStrategy, CP = 1)
 #   deepspeed the same with DeepSpeed ZeRO-2;  single: the same with Lightning's single-device strategy
@@ -9,10 +9,11 @@
 #   generate  1,000 tokens from a random 7B-shape model after a 100K-token prompt (bench/generate.py)
 #   e2e       training step of an 8-layer 7B-width SH2 stack vs the Transformer layout at 8K (bench/e2e.py)
 #   e2e_long  the same at 32K and 128K with activation checkpointing
+#   layers    one SE, MR, LI and MHA block each at the 7B width, fwd and fwd+bwd (bench/layers.py)
 # Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
 set -uo pipefail
 OUT=${1:-/tmp/sh2_gpu}; STEPS=${2:-40}; shift $(( $# > 2 ? 2 : $# ))
-PARTS=${*:-tests fsdp2 deepspeed single cpcheck generate e2e e2e_long}
+PARTS=${*:-tests fsdp2 deepspeed single cpcheck generate e2e e2e_long layers}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site:${PYTHONPATH:-} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if [ -d .whl_train ]; then
@@ -47,6 +48,7 @@ for part in $PARTS; do
            --out "$OUT/e2e.json" ;;
     e2e_long) step e2e_long 240 python3 bench/e2e.py --preset evo2_7b_8k --layers 8 --lengths 32768 131072 \
            --steps 3 --checkpointing --out "$OUT/e2e_long.json" ;;
+    layers) step layers 200 python3 bench/layers.py --out "$OUT/layers.json" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
