@@ -79,6 +79,15 @@ class ContextParallelMixin:
             return batch
         return shard_batch(batch, self._cp_size, self.context_parallel_rank)
 
+    def setup(self, trainer: Any) -> None:
+        """Check the sequence length against the CP size, then the base strategy's setup."""
+        self._check_seq_len(trainer)
+        super().setup(trainer)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """Move the batch, then keep this rank's zig-zag shard of every sequence."""
+        return self._shard_batch(super().batch_to_device(batch, device, dataloader_idx))
+
     def _check_seq_len(self, trainer: Any) -> None:
         """Fail at start when the datamodule's sequence length does not split into 2*cp chunks."""
         dm = getattr(trainer, "datamodule", None)
@@ -215,15 +224,6 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             model.init_weights()
         model._sh2_parallelized = True
         return model
-
-    @override
-    def setup(self, trainer: Any) -> None:
-        self._check_seq_len(trainer)
-        super().setup(trainer)
-
-    @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        return self._shard_batch(super().batch_to_device(batch, device, dataloader_idx))
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:

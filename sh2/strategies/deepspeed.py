@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -112,11 +111,3 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                 register_external_parameter(model, model.embedding.weight)
         return model
 
-    @override
-    def setup(self, trainer: Any) -> None:
-        self._check_seq_len(trainer)
-        super().setup(trainer)
-
-    @override
-    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
-        return self._shard_batch(super().batch_to_device(batch, device, dataloader_idx))
