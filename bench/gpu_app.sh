@@ -10,7 +10,7 @@
 #   e2e       training step of an 8-layer 7B-width SH2 stack vs the Transformer layout at 8K (bench/e2e.py)
 #   e2e_long  the same at 32K and 128K with activation checkpointing
 #   layers    one SE, MR, LI and MHA block each at the 7B width, fwd and fwd+bwd (bench/layers.py)
-# Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
+# Wheels of packages missing on the GPU image are carried in .whl_train/ (bash bench/fetch_wheels.sh builds it).
 set -uo pipefail
 OUT=${1:-/tmp/sh2_gpu}; STEPS=${2:-40}; shift $(( $# > 2 ? 2 : $# ))
 PARTS=${*:-tests fsdp2 deepspeed single cpcheck generate e2e e2e_long layers}

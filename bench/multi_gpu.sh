@@ -16,7 +16,7 @@
 # Options (environment): BUDGET, SKIP="corr scal train deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS,
 # LENGTHS and VLENGTHS (scaling lengths, and the lengths of the scheme variants; space-separated),
 # SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too slow for the time box), PY.
-# Wheels of packages missing on the GPU image may be carried in .whl_train/ (datasets, jsonargparse, deepspeed).
+# Wheels of packages missing on the GPU image are carried in .whl_train/ (bash bench/fetch_wheels.sh builds it).
 # DEVICE=cpu runs the same logic with gloo processes and tiny shapes (a smoke test of this script; no DeepSpeed).
 set -uo pipefail
 OUT=${1:?usage: bash bench/multi_gpu.sh OUT_DIR}
