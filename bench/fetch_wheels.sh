@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .whl_train/: wheels of the packages sh2 needs that the GPU image lacks (datasets, jsonargparse, deepspeed
 # and their missing dependencies; the image has torch, triton, lightning, pyarrow, pandas, fsspec, xxhash, ...).
-# Run on a machine with package-registry access, in the repository root; the GPU scripts (bench/gpu_app.sh,
+# Run with the sh2 virtual environment active (building deepspeed imports torch), in the repository root; the GPU scripts (bench/gpu_app.sh,
 # bench/multi_gpu.sh) install them from .whl_train/ into /tmp/site. Keep .whl_train/ out of git
 # (echo /.whl_train/ >> .git/info/exclude) and name it in the device call's carry list.
 set -euo pipefail
