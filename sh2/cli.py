@@ -11,16 +11,32 @@ Examples:
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import sh2.strategies  # noqa: F401  (registers the strategy names sh2_cp, sh2_deepspeed_stage_2, ...)
 from sh2.data.datamodule import SH2DataModule
 from sh2.inference.predict import PredictDataModule, PredictionWriter
 from sh2.training.callbacks import AtomicCheckpointIO, ValidationReport
 from sh2.training.module import SH2LightningModule
+
+
+class SH2SaveConfigCallback(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run's log directory.
+
+    Without a logger (``trainer.logger: false``, as in ``configs/predict.yaml``) there is no run directory:
+    Lightning's ``trainer.log_dir`` is then the working directory, and saving would overwrite any
+    ``config.yaml`` there. Nothing is written in that case (``--print_config`` shows the resolved config).
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class SH2CLI(LightningCLI):
@@ -64,6 +80,7 @@ def main(args: list[str] | None = None) -> None:
         SH2LightningModule,
         SH2DataModule,
         seed_everything_default=1234,
+        save_config_callback=SH2SaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,65 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     except RuntimeError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     return torch.load(path, weights_only=False, **kwargs)
+
+
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded ``torch.distributed.checkpoint`` folder (what Lightning's FSDP2 and sh2's
+    context-parallel strategies write as ``*.ckpt`` by default): a directory with a ``.metadata`` file."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def load_distributed_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
+    """The model weights of a sharded Lightning checkpoint folder, as ``{"state_dict", "hyper_parameters"}``.
+
+    Reads only the tensors under ``state_dict`` (not the optimizer state), in one process and without a
+    process group, so a model trained with FSDP2 / context parallelism on many GPUs can be loaded on one
+    device or the CPU. The hyper-parameters come from the folder's ``meta.pt`` when it is readable.
+
+    Raises:
+        CheckpointError: the folder has no model weights or cannot be read.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    reader = FileSystemReader(str(path))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # any unreadable metadata is a user-facing checkpoint error
+        raise CheckpointError(f"cannot read the sharded checkpoint {path} ({err})") from None
+    planner_data = getattr(metadata, "planner_data", None) or {}
+    weights: dict[str, torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        where = planner_data.get(key)
+        if where is not None:
+            if len(where) != 2 or where[0] != "state_dict":
+                continue
+            name = str(where[1])
+        elif key.startswith("state_dict."):
+            name = key[len("state_dict."):]
+        else:
+            continue
+        if isinstance(meta, TensorStorageMetadata):
+            weights[name] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    if not weights:
+        raise CheckpointError(f"{path} is a sharded checkpoint folder without model weights (no 'state_dict' "
+                              f"entries); pass a Lightning checkpoint saved by sh2 fit")
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+            dcp_load({"state_dict": weights}, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        raise CheckpointError(f"cannot read the sharded checkpoint {path} ({str(err)[:300]}); is a shard "
+                              f"(__R_0.distcp) missing or truncated?") from None
+    hyper_parameters: dict[str, Any] = {}
+    meta_file = path / "meta.pt"
+    if meta_file.is_file():
+        try:
+            hyper_parameters = dict(load_file(meta_file, trust_pickle=trust_pickle).get("hyper_parameters") or {})
+        except (CheckpointError, AttributeError):
+            hyper_parameters = {}
+    return {"state_dict": weights, "hyper_parameters": hyper_parameters}

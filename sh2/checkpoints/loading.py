@@ -8,6 +8,9 @@ Formats (detected from the file's content, not its name):
 - ``vortex``: an evo2-package ``.pt`` (or byte shards ``.pt.partN``) with its YAML config beside it or
   passed; without YAML the config is inferred from the shapes and the Evo 2 presets.
 - ``savanna``: a Savanna/DeepSpeed ``mp_rank_00_model_states.pt`` (file or ``global_stepN`` directory).
+
+A sharded Lightning checkpoint folder (``torch.distributed.checkpoint``, what FSDP2 and the context-parallel
+strategy write) is read as ``lightning``: its model weights only, in one process.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
+from sh2.checkpoints.files import (
+    CheckpointError,
+    assemble_shards,
+    is_distributed_checkpoint,
+    load_distributed_checkpoint,
+    load_file,
+)
 from sh2.checkpoints.savanna import find_savanna_file, read_savanna
 from sh2.checkpoints.state import LazyStateDict, as_lazy, check_state, expected_shapes
 from sh2.checkpoints.vortex import find_vortex_yaml, read_vortex
@@ -116,8 +125,12 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
         ``(config, state, format)``; config is None only for a plain state dict without config when none
         was passed.
     """
-    file, is_savanna_dir = _resolve(Path(path))
-    obj = load_file(assemble_shards(file), trust_pickle=trust_pickle)
+    if is_distributed_checkpoint(path):  # sharded Lightning checkpoint (FSDP2 / context-parallel runs)
+        file, is_savanna_dir = Path(path), False
+        obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
+    else:
+        file, is_savanna_dir = _resolve(Path(path))
+        obj = load_file(assemble_shards(file), trust_pickle=trust_pickle)
     fmt = "savanna" if is_savanna_dir else detect_format(obj)
     own: SH2Config | None = None
     if fmt == "vortex":

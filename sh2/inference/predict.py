@@ -146,9 +146,9 @@ class PredictDataModule(L.LightningDataModule):
                  seed: int | None = None, num_workers: int = 0) -> None:
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"data.task must be one of {TASKS}, got {task!r}")
+            raise ValueError(f"prediction.task must be one of {TASKS}, got {task!r}")
         if batch_size < 1:
-            raise ValueError("data.batch_size must be >= 1")
+            raise ValueError(f"prediction.batch_size must be >= 1, got {batch_size}")
         self.path, self.batch_size, self.max_length, self.num_workers = path, batch_size, max_length, num_workers
         self.output = output
         self.options = dict(task=task, uppercase=uppercase, reverse_complement=reverse_complement,

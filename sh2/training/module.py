@@ -81,9 +81,15 @@ class SH2LightningModule(L.LightningModule):
             self.model = SH2Model(self.config)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.init_from:
-            from sh2.checkpoints import load_into
+            from sh2.checkpoints import CheckpointError, load_into
 
-            load_into(self.model, self.hparams.init_from)
+            try:
+                load_into(self.model, self.hparams.init_from)
+            except CheckpointError as err:
+                raise CheckpointError(
+                    f"model.init_from={self.hparams.init_from!r}: {err}\nFix: point model.init_from at an existing "
+                    f"checkpoint whose architecture matches model.preset / model.overrides (or change those to "
+                    f"the checkpoint's architecture)") from None
         if strategy is not None and hasattr(strategy, "parallelize_model"):
             strategy.parallelize_model(self.model)
 
@@ -117,8 +123,9 @@ class SH2LightningModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         ce, _, _ = self._loss_terms(batch)
         w = batch["loss_weights"].flatten().to(ce.dtype)
-        if w.sum() > 0:
-            self.val_loss.update(ce[w > 0], w[w > 0])
+        # every rank updates on every batch (zero weights add nothing), so all ranks reach the metric sync in
+        # on_*_epoch_end together even when one rank's shard holds no weighted token
+        self.val_loss.update(ce, w)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         """Scores, embeddings or generations for a batch of ``sh2.inference.predict.PredictDataModule``."""
@@ -126,14 +133,25 @@ class SH2LightningModule(L.LightningModule):
 
         return predict_batch(self.model, batch)
 
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """``sh2 test``: the validation computation on the datamodule's test batches, logged as ``test/*``."""
+        self.validation_step(batch, batch_idx)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, prefix: str) -> None:
         if self.val_loss.update_count == 0:
             return
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss), "val/bits_per_token": loss / math.log(2)},
-                      sync_dist=False, prog_bar=False)
-        self._last_val_loss = float(loss)
+        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/perplexity": torch.exp(loss),
+                       f"{prefix}/bits_per_token": loss / math.log(2)}, sync_dist=False, prog_bar=False)
+        if prefix == "val":
+            self._last_val_loss = float(loss)
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:

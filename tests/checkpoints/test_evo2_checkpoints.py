@@ -254,3 +254,29 @@ def test_fp8_trained_releases_warn(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="sh2.checkpoints.vortex_config"):
         load_pretrained(str(path))
     assert "FP8" in caplog.text
+
+
+def test_sharded_lightning_checkpoint_folder_of_fsdp2_and_cp_runs(tmp_path):
+    # The context-parallel strategy (and Lightning's FSDP2) save *.ckpt as a torch.distributed.checkpoint
+    # folder; init_from / sh2 predict used to refuse it ("expected one checkpoint file in the directory").
+    import torch.distributed.checkpoint as dcp
+
+    config = SH2Config.from_name("tiny", num_layers=4, layout="SDH*")
+    model = randomized_sh2_model(config)
+    folder = tmp_path / "last.ckpt"
+    weights = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    optimizer = {"state": {k: {"exp_avg": torch.ones_like(v)} for k, v in weights.items()}}
+    dcp.save({"state_dict": weights, "optimizer_0": optimizer}, checkpoint_id=str(folder), no_dist=True)
+    torch.save({"hyper_parameters": {"preset": "tiny", "overrides": {"num_layers": 4, "layout": "SDH*"},
+                                     "vocab_size": 512}, "global_step": 3}, folder / "meta.pt")
+    for name in ("data_state_rank0.pt", "data_state_rank1.pt"):
+        torch.save({"loops": {}}, folder / name)
+    got_config, state = load_pretrained(str(folder))
+    assert got_config == config and set(state) == set(model.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    fresh = SH2Model(config)
+    load_into(fresh, str(folder))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    (folder / "__0_0.distcp").write_bytes(b"")  # a lost shard is a CheckpointError naming the folder
+    with pytest.raises(CheckpointError, match="sharded checkpoint"):
+        load_pretrained(str(folder))

@@ -127,3 +127,65 @@ def test_predict_scores_and_generates_from_a_trained_checkpoint(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for r in (json.loads(line) for line in gen.read_text().splitlines()):
         assert len(r["generated"]) == 8 and set(r["generated"]) <= set("ACGT")
+
+
+def _tiny_weights(path: Path, **overrides) -> Path:
+    """An sh2 state dict of the ``tiny`` preset (what configs/predict.yaml and finetune.yaml build)."""
+    import torch
+
+    from sh2.models import SH2Model
+
+    torch.manual_seed(0)
+    torch.save(SH2Model(SH2Config.from_name("tiny", **overrides)).state_dict(), path)
+    return path
+
+
+def test_predict_without_a_logger_leaves_config_yaml_in_the_working_directory_alone(tmp_path):
+    # configs/predict.yaml has no logger: Lightning's log_dir is then the working directory, where the
+    # resolved config used to be written over the user's own config.yaml.
+    weights = _tiny_weights(tmp_path / "tiny.pt")
+    mine = tmp_path / "config.yaml"
+    mine.write_text("# my own config\nmodel: {preset: tiny}\n")
+    fasta = tmp_path / "seqs.fasta"
+    fasta.write_text(">a\nACGTACGTAC\n>b\nGGGC\n")
+    res = run_sh2("predict", "--config", str(ROOT / "configs/predict.yaml"), "--model.init_from", str(weights),
+                  "--prediction.path", str(fasta), "--prediction.output", str(tmp_path / "out.jsonl"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    assert mine.read_text() == "# my own config\nmodel: {preset: tiny}\n"
+
+
+@pytest.mark.parametrize("case", ["missing", "other_width"])
+def test_bad_init_from_names_the_setting_and_keeps_the_checkpoint(tmp_path, case):
+    if case == "missing":
+        weights, needle = tmp_path / "no_such.ckpt", "does not exist"
+    else:
+        weights, needle = _tiny_weights(tmp_path / "wide.pt", hidden_size=256, num_heads=4), "shape mismatch"
+    before = weights.read_bytes() if weights.exists() else None
+    res = run_sh2("fit", "--config", str(ROOT / "configs/finetune.yaml"), *FAST, "--model.init_from", str(weights),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert res.returncode != 0
+    out = res.stderr + res.stdout
+    assert f"model.init_from={str(weights)!r}" in out and needle in out, out[-3000:]
+    assert "Fix: point model.init_from" in out
+    assert "Epoch 0:" not in res.stderr  # failed before the first training step
+    assert (weights.read_bytes() if weights.exists() else None) == before
+
+
+def test_prediction_settings_are_named_in_errors():
+    from sh2.inference.predict import PredictDataModule
+
+    with pytest.raises(ValueError, match=r"prediction\.task must be one of"):
+        PredictDataModule(task="scroe")
+    with pytest.raises(ValueError, match=r"prediction\.batch_size must be >= 1"):
+        PredictDataModule(batch_size=0)
+
+
+def test_predict_yaml_in_docs_parses(tmp_path):
+    text = (ROOT / "docs/evo2.md").read_text()
+    block = text.split("# predict_evo2_7b.yaml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "predict_evo2_7b.yaml"
+    cfg.write_text(block)
+    cli = _ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(cfg)])
+    assert cli.config["prediction"]["path"] == "my_sequences.fasta"
+    assert cli.config["model"]["init_from"] == "weights/evo2_7b/evo2_7b.pt"

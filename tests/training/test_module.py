@@ -112,3 +112,14 @@ def test_validation_logs_loss_perplexity_bits(tmp_path):
     assert {"val/loss", "val/perplexity", "val/bits_per_token", "train/loss"} <= set(m)
     assert float(m["val/perplexity"]) == pytest.approx(math.exp(float(m["val/loss"])), rel=1e-5)
     assert float(m["val/bits_per_token"]) == pytest.approx(float(m["val/loss"]) / math.log(2), rel=1e-5)
+
+
+def test_test_subcommand_reports_the_validation_loss_as_test_metrics(tmp_path):
+    # `sh2 test` (README: fit, validate, test, predict) used to stop with "No `test_step()` method defined".
+    module, data = make_module(), make_data()
+    trainer = make_trainer(tmp_path, 0, limit_val_batches=2, limit_test_batches=2)
+    val = trainer.validate(module, data, verbose=False)[0]
+    test = trainer.test(module, data, verbose=False)[0]
+    assert set(test) == {"test/loss", "test/perplexity", "test/bits_per_token"}
+    assert test["test/loss"] == pytest.approx(val["val/loss"], rel=1e-6)  # the same held-out batches
+    assert test["test/perplexity"] == pytest.approx(math.exp(test["test/loss"]), rel=1e-5)
