@@ -69,6 +69,7 @@ class SH2LightningModule(L.LightningModule):
         self._t_last: float | None = None
         self._tokens_since = 0
         self._perf: list[tuple[float, float | None]] = []  # (tokens/s, MFU) per logging interval
+        self._perf_step = -1
 
     # ----------------------------------------------------------------- model construction
     def configure_model(self) -> None:
@@ -178,8 +179,9 @@ class SH2LightningModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        if step % max(1, self.hparams.log_every_n_steps) != 0:
-            return
+        if step % max(1, self.hparams.log_every_n_steps) != 0 or step == self._perf_step:
+            return  # (with gradient accumulation several micro-batches end on the same optimizer step)
+        self._perf_step = step
         now = time.perf_counter()
         if self._t_last is not None and self._tokens_since:
             if self.device.type == "cuda":

@@ -123,3 +123,11 @@ def test_test_subcommand_reports_the_validation_loss_as_test_metrics(tmp_path):
     assert set(test) == {"test/loss", "test/perplexity", "test/bits_per_token"}
     assert test["test/loss"] == pytest.approx(val["val/loss"], rel=1e-6)  # the same held-out batches
     assert test["test/perplexity"] == pytest.approx(math.exp(test["test/loss"]), rel=1e-5)
+
+
+def test_throughput_is_sampled_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
+    module = make_module(log_every_n_steps=1)
+    make_trainer(tmp_path, 4, accumulate_grad_batches=2).fit(module, make_data())
+    # 8 micro-batches end at global steps 0,1,1,2,2,3,3,4: five distinct steps, the first only starts the clock,
+    # so 4 samples (7 if every micro-batch were sampled)
+    assert len(module._perf) == 4
