@@ -26,10 +26,8 @@ from sh2.kernels import reference
 from sh2.kernels._tuning import channel_stride_one, dot_precision, interpreted, pick_config, sum_partials
 from sh2.kernels.fir_blocked import (
     _fir_blocked_bwd_kernel,
-    _fir_blocked_bwd_t_kernel,
     _fir_blocked_dh_kernel,
     _fir_blocked_fwd_kernel,
-    _fir_blocked_fwd_t_kernel,
     block_t_candidates,
     blocked_supported,
 )
@@ -50,7 +48,6 @@ class BlockedConfig:
         num_stages: software-pipelining depth of the chunk loop.
         fuse_dh: backward only: accumulate the filter gradient in the dq/dk/dv kernel instead of a
             second pass over the inputs (saves four tensor reads, costs registers).
-        trans: use the transposed kernels (``X^T H^T``: chunk on the N side of the product, channels on M).
     """
 
     block_t: int
@@ -59,7 +56,6 @@ class BlockedConfig:
     num_warps: int
     num_stages: int = 3
     fuse_dh: bool = False
-    trans: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,11 +86,10 @@ def _blocked_candidates(K: int, fp32: bool, backward: bool) -> tuple[BlockedConf
     for bt in bts[-2:]:
         for tp in ((1024,) if backward else (1024, 4096)):
             for nw in ((8,) if backward and bt >= 128 else (4, 8) if bt >= 128 else (4,)):
-                for trans in (False, True):
-                    for fuse in ((False, True) if backward and (bt <= 64 or not trans) else (False,)):
-                        cfg = BlockedConfig(bt, 16, tp, nw, 3, fuse, trans)
-                        if cfg not in cands:
-                            cands.append(cfg)
+                for fuse in ((False, True) if backward else (False,)):
+                    cfg = BlockedConfig(bt, 16, tp, nw, 3, fuse)
+                    if cfg not in cands:
+                        cands.append(cfg)
     return tuple(cands)
 
 
@@ -138,7 +133,7 @@ def fir_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tens
             n_chunks = triton.cdiv(L, cfg.block_t)
             cpp, n_seg = _segments(n_chunks, D // cfg.block_c, cfg.target_programs)
             grid = (B * n_seg, D // cfg.block_c)
-            kernel = _fir_blocked_fwd_t_kernel if cfg.trans else _fir_blocked_fwd_kernel
+            kernel = _fir_blocked_fwd_kernel
             kernel[grid](
                 q, k, v, h, bias_arg, y, L, dg, K, n_chunks, cpp, n_seg, *common,
                 HAS_BIAS=bias is not None, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
@@ -188,7 +183,7 @@ def fir_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Ten
             grid = (B * n_seg, n_cb)
             db_part = torch.empty(B * n_seg if has_bias else 1, D, device=dev, dtype=torch.float32)
             dh_part = torch.empty(B * n_seg if cfg.fuse_dh else 1, n_cb, K, device=dev, dtype=torch.float32)
-            kernel = _fir_blocked_bwd_t_kernel if cfg.trans else _fir_blocked_bwd_kernel
+            kernel = _fir_blocked_bwd_kernel
             kernel[grid](
                 q, k, v, dy, h, bias_arg, dq, dk, dv, db_part, dh_part, L, D, dg, K, n_chunks, cpp, n_seg, n_cb,
                 *ins, *_strides(dq), HAS_BIAS=has_bias, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PREC=prec,

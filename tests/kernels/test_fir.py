@@ -95,9 +95,9 @@ def test_fir_direct_kernel_on_grouped_shape_without_bias(device):
 @pytest.mark.parametrize(
     "cfg",
     [
-        BlockedConfig(32, 16, 4, 4, 3, fuse_dh=False, trans=False),
-        BlockedConfig(32, 16, 4, 4, 3, fuse_dh=True, trans=True),
-        BlockedConfig(32, 32, 2, 4, 3, fuse_dh=False, trans=True),
+        BlockedConfig(32, 16, 4, 4, 3, fuse_dh=False),
+        BlockedConfig(32, 16, 4, 4, 3, fuse_dh=True),
+        BlockedConfig(32, 32, 2, 4, 3, fuse_dh=False),
     ],
     ids=str,
 )
