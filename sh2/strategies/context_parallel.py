@@ -79,6 +79,11 @@ class ContextParallelMixin:
             return batch
         return shard_batch(batch, self._cp_size, self.context_parallel_rank)
 
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Samplers split by the data-parallel rank only: the ranks of a CP group read the same samples."""
+        return {"num_replicas": self._dp_size, "rank": self._dp_rank}
+
     def setup(self, trainer: Any) -> None:
         """Check the sequence length against the CP size, then the base strategy's setup."""
         self._check_seq_len(trainer)
@@ -207,11 +212,6 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         self.lightning_module._device_mesh = mesh
         rank_zero_info(f"sh2 context parallelism: world {world} = dp_replicate {self._dp_replicate} x dp_shard "
                        f"{dp // self._dp_replicate} x cp {cp}; {self._cp_config}")
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self._dp_size, "rank": self._dp_rank}
 
     def parallelize_model(self, model: nn.Module) -> nn.Module:
         """Called by the module at the end of ``configure_model``: CP operators, then FSDP2 (idempotent)."""

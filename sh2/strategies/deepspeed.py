@@ -14,8 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from sh2.strategies.context_parallel import ContextParallelMixin, _cp_config_from
-from sh2.strategies.cp_comm import CPGroup
-from sh2.strategies.parallelize import apply_context_parallel
+from sh2.strategies.parallelize import apply_context_parallel, cp_group_of
 
 
 def require_deepspeed() -> None:
@@ -83,17 +82,9 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
             raise ValueError(f"the world size ({world} processes) is not divisible by context_parallel_size={cp}")
         self._cp_size = cp
         mesh = init_device_mesh(self.root_device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
-        sub = mesh["cp"]
-        cpg = CPGroup(group=sub.get_group(), rank=sub.get_local_rank(), size=cp,
-                      global_ranks=[int(r) for r in sub.mesh.flatten().tolist()])
-        self._set_cp_group(cpg, mesh["dp"].get_local_rank(), world // cp)
+        self._set_cp_group(cp_group_of(mesh), mesh["dp"].get_local_rank(), world // cp)
         rank_zero_info(f"sh2 context parallelism on DeepSpeed ZeRO-{self._zero_stage}: world {world} = dp "
                        f"{world // cp} x cp {cp}; {self._cp_config}")
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, int]:
-        return {"num_replicas": self._dp_size, "rank": self._dp_rank}
 
     def parallelize_model(self, model: nn.Module) -> nn.Module:
         """Set the CP operators (no parameter sharding here: ZeRO does it in ``setup``)."""
