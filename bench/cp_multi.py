@@ -45,7 +45,8 @@ whose peak memory, extrapolated from shorter lengths, exceeds ``--mem-limit-frac
 
 ``summary DIR``: reads ``correctness_n*.json``, ``scaling_n*.json`` and the training CSV logs of
 bench/multi_gpu.sh and writes ``DIR/summary.md`` (scaling efficiency = tokens/s per GPU with CP = n divided
-by tokens/s with CP = 1 at the largest length that ran on one GPU).
+by tokens/s with CP = 1 at the largest length that ran on one GPU; also the same ratio of model FLOP/s per
+GPU, which discounts the higher cost per token of longer sequences).
 """
 
 from __future__ import annotations
@@ -717,8 +718,10 @@ def run_config(args: argparse.Namespace, env: Env, model: SH2Model, cfg: SH2Conf
     step_s = statistics.median(times)
     slowest = torch.tensor([step_s], device=dev, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    fpt = model_flops_per_token(cfg, L)
     row: dict[str, Any] = dict(status="ok", step_s=step_s, step_s_all=times, step_s_max_rank=float(slowest),
-                               tokens_per_s=L / step_s, tokens_per_s_per_gpu=L / step_s / cp, loss=losses[-1])
+                               tokens_per_s=L / step_s, tokens_per_s_per_gpu=L / step_s / cp, loss=losses[-1],
+                               flops_per_token=fpt, tflops_per_s_per_gpu=fpt * L / step_s / cp / 1e12)
     if dev.type == "cuda":
         row.update(peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved(dev) / 2**30)
@@ -957,11 +960,13 @@ def summarize(out_dir: str) -> str:
                f"autotuning {s0.get('autotune')}, B = 1, "
                f"{s0.get('note')}. Device: {s0.get('device')}. Efficiency = tokens/s per GPU / tokens/s of CP = 1 at "
                f"L = {ref['seq_len'] if ref else '-'} (the largest length that ran on one GPU); 'same L' uses the "
-               f"CP = 1 run at the same length where there is one. comm = union of NCCL kernel intervals in one "
-               f"profiled step; exposed = not overlapped by compute kernels.", "",
-               "| cp | L | schemes | step s | tok/s/GPU | efficiency | same L | peak GiB | comm ms | exposed ms "
-               "| status |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               f"CP = 1 run at the same length where there is one. 'work' divides model FLOP/s per GPU instead "
+               f"(analytic training FLOPs per token at each length: attention grows with L, so a longer sequence "
+               f"costs more per token; this is the efficiency of the parallelisation alone). comm = union of NCCL "
+               f"kernel intervals in one profiled step; exposed = not overlapped by compute kernels.", "",
+               "| cp | L | schemes | step s | tok/s/GPU | efficiency | same L | work | TFLOP/s/GPU | peak GiB "
+               "| comm ms | exposed ms | status |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in sorted(scal, key=lambda s: s["world"]):
             for r in sorted(s["rows"], key=lambda r: (r["seq_len"], r["scheme"] != "default", r["scheme"])):
                 ok = r.get("status") == "ok"
@@ -969,8 +974,12 @@ def summarize(out_dir: str) -> str:
                 eff = tps / ref["tokens_per_s"] if ok and ref else None
                 same = by_len.get(r["seq_len"])
                 eff_same = tps / same["tokens_per_s"] if ok and same else None
+                tflops = r.get("tflops_per_s_per_gpu") if ok else None
+                eff_work = tflops / ref["tflops_per_s_per_gpu"] if tflops and ref and \
+                    ref.get("tflops_per_s_per_gpu") else None
                 md.append(f"| {s['world']} | {r['seq_len']} | {r['scheme']} | {_fmt(r.get('step_s'), '.3f')} | "
                           f"{_fmt(tps, ',.0f')} | {_fmt(eff, '.1%')} | {_fmt(eff_same, '.1%')} | "
+                          f"{_fmt(eff_work, '.1%')} | {_fmt(tflops, '.0f')} | "
                           f"{_fmt(r.get('peak_mem_gib'), '.1f')} | {_fmt(r.get('comm_ms'), '.0f')} | "
                           f"{_fmt(r.get('exposed_comm_ms'), '.0f')} | {r.get('status')} |")
         md.append("")

@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Issue 7 in one command on one host with 4 GPUs (NCCL, NVLink multicast off), within ~9 minutes:
+# Issue 7 in one command on one host with NGPU GPUs (2, 4 or 8; NCCL, NVLink multicast off):
 #   bash bench/multi_gpu.sh OUT_DIR
-# 1. correctness of every CP operator and of the 7B-width model vs one GPU (bench/cp_multi.py) with 2 and 4 GPUs;
+# 1. correctness of every CP operator and of the 7B-width model vs one GPU (bench/cp_multi.py) with CP = 2, 4, 8
+#    (each <= NGPU);
 # 2. scaling of a 7B-shape SE-MR-LI-MHA stack (LAYOUT, default SDH*) at 128K/256K/512K tokens with CP = 1 (the
-#    baseline), 2 and 4, default schemes and one scheme changed at a time (LI p2p_fft, SE/MR a2a, attention ring);
+#    baseline), 2, 4, 8 (<= NGPU), default schemes and one scheme changed at a time (LI p2p_fft, SE/MR a2a,
+#    attention ring);
 # 3. training with `sh2 fit --config configs/evo2_7b_128k_cp.yaml` at the 7B width with LAYOUT's layers only (the
-#    32-layer model would not fit the time box): FSDP2 CP = 4 for FIT_STEPS steps and a checkpoint, resumed with
-#    CP = 2 on 2 GPUs for RESUME_STEPS steps, and DeepSpeed ZeRO-3 CP = 4 for DS_STEPS steps.
+#    32-layer model would not fit the time box): FSDP2 CP = NGPU for FIT_STEPS steps and a checkpoint, resumed with
+#    CP = NGPU/2 on NGPU/2 GPUs for RESUME_STEPS steps, and DeepSpeed ZeRO-3 CP = NGPU for DS_STEPS steps.
 # Logs: OUT_DIR/NAME.log; JSON: OUT_DIR/correctness_nN.json, scaling_nN.json; training CSV: OUT_DIR/csv/;
 # tables: OUT_DIR/summary.md. Checkpoints go to CKPT_DIR (default /tmp/sh2_multi_ckpt), not under OUT_DIR.
-# Every phase has a deadline (unused time rolls over to the next phases; BUDGET seconds in all) and a `timeout`;
-# cp_multi.py skips (and records) what would not fit; after a crash (e.g. out of memory on one rank) it is
-# relaunched with --resume, which records the failed check or configuration and goes on. All processes are
-# started by torchrun (Lightning reads its environment; no Lightning subprocess launcher).
-# Options (environment): BUDGET, SKIP="corr scal train deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS,
-# LENGTHS and VLENGTHS (scaling lengths, and the lengths of the scheme variants; space-separated),
-# SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too slow for the time box), PY.
+# BUDGET seconds are shared among the phases that run, by weight; each phase has a deadline (unused time rolls
+# over to the next phases) and a `timeout`. cp_multi.py skips (and records) what would not fit; after a crash
+# (e.g. out of memory on one rank) it is relaunched with --resume, which records the failed check or
+# configuration and goes on. All processes are started by torchrun (Lightning reads its environment; no Lightning
+# subprocess launcher). A device call is at most 10 minutes: on 2 GPUs, run it as two calls, e.g.
+#   SKIP="train deepspeed" BUDGET=500 bash bench/multi_gpu.sh OUT   and   SKIP="corr scal" bash bench/multi_gpu.sh OUT
+# (copy both OUT folders into one and run `python3 bench/cp_multi.py summary DIR` for the tables of both).
+# Options (environment): NGPU (default: all GPUs of the host; DEVICE=cpu: 4), BUDGET, SKIP="corr scal train
+# deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS, LENGTHS and VLENGTHS (scaling lengths, and the lengths of
+# the scheme variants; space-separated), SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too
+# slow for the time box), PY.
 # Wheels of packages missing on the GPU image are carried in .whl_train/ (bash bench/fetch_wheels.sh builds it).
 # DEVICE=cpu runs the same logic with gloo processes and tiny shapes (a smoke test of this script; no DeepSpeed).
 set -uo pipefail
@@ -31,7 +37,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export SH2_AUTOTUNE=${SH2_AUTOTUNE:-0}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-500}            # seconds for all phases (the whole call stays under 9 minutes); shares in at()
+BUDGET=${BUDGET:-500}            # seconds for all phases that run (keep a call under 9 minutes), shared by weight
 SKIP=${SKIP:-}                   # phases not to run, e.g. SKIP="corr train" (words: corr scal train deepspeed)
 LAYOUT=${LAYOUT:-SDH*}           # layers of the scaling stack and of the training runs
 FIT_STEPS=${FIT_STEPS:-20}; RESUME_STEPS=${RESUME_STEPS:-6}; DS_STEPS=${DS_STEPS:-4}
@@ -45,6 +51,7 @@ if [ -d .whl_train ]; then
 fi
 
 if [ "$DEVICE" = cpu ]; then
+  NGPU=${NGPU:-4}
   SHAPE=(--device cpu --width 32 --heads 4 --groups 4 --mlp 64 --mr-filter-len 8 --li-state 4)
   CORR=(--op-seq-len 64 --model-seq-len 64)
   LENGTHS=(256 512 1024); VLENGTHS=(256 512)
@@ -54,6 +61,7 @@ if [ "$DEVICE" = cpu ]; then
   FIT_DEV=(--trainer.accelerator cpu --trainer.precision 32-true --data.num_workers 0
            --trainer.strategy.init_args.process_group_backend gloo --trainer.strategy.init_args.mixed_precision null)
 else
+  NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
   SHAPE=(--device cuda)
   CORR=(--op-seq-len 8192 --model-seq-len 8192)
   read -ra LENGTHS <<< "${LENGTHS:-131072 262144 524288}"; read -ra VLENGTHS <<< "${VLENGTHS:-131072 262144}"
@@ -62,6 +70,8 @@ else
     "$PY" -c "from sh2.models.config import parse_layout; print(len(parse_layout('$LAYOUT')))")'}'
   FIT_DEV=()
 fi
+case "$NGPU" in 2|4|8) ;; *) echo "NGPU=$NGPU: this script needs 2, 4 or 8 GPUs (processes)"; exit 2;; esac
+CPS=(); for n in 2 4 8; do [ "$n" -le "$NGPU" ] && CPS+=("$n"); done
 
 T0=$SECONDS
 echo "== sh2 issue 7 multi-GPU run: $(date -u +%FT%TZ), OUT=$OUT, DEVICE=$DEVICE, LAYOUT=$LAYOUT, budget ${BUDGET}s"
@@ -73,7 +83,18 @@ fi
 env | grep -E "^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISABLE_NVLS|SH2_AUTOTUNE)=" | tr '\n' ' '; echo
 
 SHOW='FAIL|cp_multi|^  cp[0-9]|^  model|resume:|\[sh2\]|Restor|Error|error:|Traceback|out of memory|Killed|skipped'
-at() { echo $(($1 * BUDGET / 1000)); }  # a phase's end, in per mille of BUDGET after T0
+skipped() { case " $SKIP " in *" $1 "*) return 0;; esac; return 1; }
+# The phases that run, in order, with their weights (shares of BUDGET); END[name] = the phase's deadline after T0.
+PLAN=()
+if ! skipped corr; then for n in "${CPS[@]}"; do PLAN+=("corr$n:100"); done; fi
+if ! skipped scal; then PLAN+=("scal1:90"); for n in "${CPS[@]}"; do PLAN+=("scal$n:140"); done; fi
+if ! skipped train; then PLAN+=("fit:200" "resume:110"); fi
+if ! skipped deepspeed && [ "$DEVICE" = cuda ]; then PLAN+=("deepspeed:150"); fi
+declare -A END
+total=0; for p in "${PLAN[@]}"; do total=$((total + ${p#*:})); done
+acc=0; for p in "${PLAN[@]}"; do acc=$((acc + ${p#*:})); END[${p%%:*}]=$((acc * BUDGET / (total > 0 ? total : 1))); done
+echo "phases (deadline s after start): $(for p in "${PLAN[@]}"; do printf '%s@%s ' "${p%%:*}" "${END[${p%%:*}]}"; done)"
+
 phase() {  # phase NAME END CMD...: run CMD until T0 + END seconds at the latest; keep its log, show key lines
   local name=$1 end=$2; shift 2
   local left=$((T0 + end - SECONDS))
@@ -86,10 +107,8 @@ phase() {  # phase NAME END CMD...: run CMD until T0 + END seconds at the latest
   echo "--- $name rc=$rc in $((SECONDS - t)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
   return 0
 }
-skip() { case " $SKIP " in *" $1 "*) echo "=== $2: skipped (SKIP=$SKIP)"; return 0;; esac; return 1; }
-correctness() {  # correctness NPROC END: relaunched with --resume after a crash (the failing check is recorded)
-  local n=$1 end=$2 attempt
-  skip corr "correctness_n$n" && return
+correctness() {  # correctness NPROC: relaunched with --resume after a crash (the failing check is recorded)
+  local n=$1 end=${END[corr$1]} attempt
   for attempt in 1 2 3; do
     local left=$((T0 + end - SECONDS))
     [ "$left" -lt 25 ] && break
@@ -99,9 +118,8 @@ correctness() {  # correctness NPROC END: relaunched with --resume after a crash
     grep -q "cp_multi correctness (cp=$n):" "$OUT/correctness_n${n}_try$attempt.log" && break
   done
 }
-scaling() {  # scaling NPROC END STEPS: cp_multi scaling, relaunched with --resume after a crash (OOM, several ranks)
-  local n=$1 end=$2 steps=$3 attempt
-  skip scal "scaling_n$n" && return
+scaling() {  # scaling NPROC STEPS: cp_multi scaling, relaunched with --resume after a crash (OOM, several ranks)
+  local n=$1 steps=$2 end=${END[scal$1]} attempt
   for attempt in 1 2 3; do
     local left=$((T0 + end - SECONDS))
     [ "$left" -lt 25 ] && break
@@ -112,45 +130,44 @@ scaling() {  # scaling NPROC END STEPS: cp_multi scaling, relaunched with --resu
   done
 }
 
-# 1. correctness (2 and 4 GPUs)
-correctness 2 "$(at 120)"
-correctness 4 "$(at 210)"
-
-# 2. scaling: CP = 1 baseline, then 2 and 4 GPUs
-scaling 1 "$(at 320)" 1          # one timed step after the warm-up: CP = 1 steps take seconds
-scaling 2 "$(at 450)" 2
-scaling 4 "$(at 650)" 2
-
 # 3. training with sh2 fit (7B width, LAYOUT's layers, 128K tokens; no validation: the built-in demo data has no
-#    128K-token validation window), FSDP2 CP = 4 -> checkpoint -> CP = 2, and DeepSpeed ZeRO-3
+#    128K-token validation window): FSDP2 CP = NGPU -> checkpoint -> CP = NGPU/2, and DeepSpeed ZeRO-3 CP = NGPU
 FIT=(-m sh2 fit --config configs/evo2_7b_128k_cp.yaml --model.overrides "$OVR" --data.seq_len "$SEQ"
      --model.warmup_steps 5 --model.decay_steps 1000 --model.log_every_n_steps 5 --trainer.log_every_n_steps 1
      --data.val_fraction 0 --trainer.limit_val_batches 0 --trainer.logger lightning.pytorch.loggers.CSVLogger
      --trainer.logger.init_args.save_dir "$OUT/csv" --checkpoint.monitor null --checkpoint.save_top_k 0
      "${FIT_DEV[@]}")
-training() {  # FSDP2 CP = 4 and a checkpoint; resume with CP = 2 on 2 GPUs
-  skip train "fit_fsdp_cp4, fit_fsdp_cp2_resume" && return
-  phase fit_fsdp_cp4 "$(at 820)" "${RUN[@]}" --nproc_per_node 4 "${FIT[@]}" --trainer.devices 4 \
-    --trainer.strategy.init_args.context_parallel_size 4 --trainer.max_steps "$FIT_STEPS" \
-    --trainer.logger.init_args.name fit_fsdp_cp4 --checkpoint.save_last true --checkpoint.dirpath "$CKPT" \
+training() {  # FSDP2 CP = NGPU and a checkpoint; resume with CP = NGPU/2 on NGPU/2 GPUs
+  local half=$((NGPU / 2))
+  phase "fit_fsdp_cp$NGPU" "${END[fit]}" "${RUN[@]}" --nproc_per_node "$NGPU" "${FIT[@]}" --trainer.devices "$NGPU" \
+    --trainer.strategy.init_args.context_parallel_size "$NGPU" --trainer.max_steps "$FIT_STEPS" \
+    --trainer.logger.init_args.name "fit_fsdp_cp$NGPU" --checkpoint.save_last true --checkpoint.dirpath "$CKPT" \
     --checkpoint.every_n_train_steps "$FIT_STEPS"
-  if [ ! -e "$CKPT/last.ckpt" ]; then echo "=== fit_fsdp_cp2_resume: not run (no checkpoint $CKPT/last.ckpt)"; return; fi
+  if [ ! -e "$CKPT/last.ckpt" ]; then echo "=== fit_fsdp_cp${half}_resume: not run (no checkpoint $CKPT/last.ckpt)"; return; fi
   echo "checkpoint: $(du -sh "$CKPT/last.ckpt" | cut -f1) in $CKPT/last.ckpt"
-  phase fit_fsdp_cp2_resume "$(at 910)" "${RUN[@]}" --nproc_per_node 2 "${FIT[@]}" --trainer.devices 2 \
-    --trainer.strategy.init_args.context_parallel_size 2 --trainer.max_steps $((FIT_STEPS + RESUME_STEPS)) \
-    --trainer.logger.init_args.name fit_fsdp_cp2_resume --checkpoint.save_last false --ckpt_path "$CKPT/last.ckpt"
+  phase "fit_fsdp_cp${half}_resume" "${END[resume]}" "${RUN[@]}" --nproc_per_node "$half" "${FIT[@]}" \
+    --trainer.devices "$half" --trainer.strategy.init_args.context_parallel_size "$half" \
+    --trainer.max_steps $((FIT_STEPS + RESUME_STEPS)) --trainer.logger.init_args.name "fit_fsdp_cp${half}_resume" \
+    --checkpoint.save_last false --ckpt_path "$CKPT/last.ckpt"
 }
-deepspeed_run() {  # DeepSpeed ZeRO-3, CP = 4 (CUDA only)
-  [ "$DEVICE" = cuda ] || { echo "=== fit_deepspeed3_cp4: not run on $DEVICE"; return; }
-  skip deepspeed fit_deepspeed3_cp4 && return
+deepspeed_run() {  # DeepSpeed ZeRO-3, CP = NGPU (CUDA only)
   local ds='{"class_path": "sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy",
-             "init_args": {"context_parallel_size": 4, "stage": 3}}'
-  phase fit_deepspeed3_cp4 "$BUDGET" "${RUN[@]}" --nproc_per_node 4 "${FIT[@]}" --trainer.devices 4 \
-    --trainer.strategy "$ds" --trainer.max_steps "$DS_STEPS" --trainer.logger.init_args.name fit_deepspeed3_cp4 \
-    --checkpoint.save_last false
+             "init_args": {"context_parallel_size": '$NGPU', "stage": 3}}'
+  phase "fit_deepspeed3_cp$NGPU" "${END[deepspeed]}" "${RUN[@]}" --nproc_per_node "$NGPU" "${FIT[@]}" \
+    --trainer.devices "$NGPU" --trainer.strategy "$ds" --trainer.max_steps "$DS_STEPS" \
+    --trainer.logger.init_args.name "fit_deepspeed3_cp$NGPU" --checkpoint.save_last false
 }
-training
-deepspeed_run
+
+for p in "${PLAN[@]}"; do
+  name=${p%%:*}
+  case "$name" in
+    corr*) correctness "${name#corr}" ;;
+    scal1) scaling 1 1 ;;           # one timed step after the warm-up: CP = 1 steps take seconds
+    scal*) scaling "${name#scal}" 2 ;;
+    fit) training ;;                # also runs the resume phase
+    deepspeed) deepspeed_run ;;
+  esac
+done
 rm -rf "$CKPT"
 
 # 4. tables
