@@ -27,9 +27,11 @@ Tolerances (relative error ``||cp - ref|| / ||ref||`` per tensor, the max over o
   Triton kernels use exact fp32 dots (``input_precision="ieee"``), so CP and reference differ only by the
   order of fp32 sums and by the FFT algorithm (p2p_fft): ~1e-6 expected.
 - bf16: 2e-2. Both sides round to bf16 (eps 2^-8 = 3.9e-3) at different points (per shard, per channel slice,
-  partial parameter gradients summed over ranks); a few roundings of 4e-3 stay well below 2e-2. Each bf16 row
-  also reports ``ref_bf16_vs_fp32``, the error of the single-GPU bf16 result against the single-GPU fp32 one
-  (what bf16 costs anyway) as the scale to read the CP error against.
+  partial parameter gradients summed over ranks); a few roundings of 4e-3 stay well below 2e-2. Where bf16
+  itself is further off than that (the gradients of the 7B-width model: bf16 vs fp32 on one GPU differ by
+  ~5e-2), a bf16 row also passes if, tensor by tensor, the CP bf16 result is at most 2x as far from the
+  one-GPU fp32 result as the one-GPU bf16 result is (the FlashAttention test criterion). Each bf16 row
+  reports both errors against fp32 (``cp_bf16_vs_fp32``, ``ref_bf16_vs_fp32``) and the worst ratio.
 
 ``scaling``: a 7B-shape stack (``--layout``, default ``SDH*``: SE, MR, LI and MHA), activation checkpointing,
 bf16 autocast, B = 1, fp32 weights replicated (no FSDP, no optimizer: the CP compute and its exchanges), at
@@ -91,6 +93,23 @@ from sh2.strategies.sharding import shard_batch, shard_sequence, unshard_sequenc
 from sh2.training.flops import model_flops_per_token  # noqa: E402
 
 TOL = {"fp32": 1e-4, "bf16": 2e-2}
+BF16_RATIO = 2.0  # bf16 also passes when CP-bf16 is within this factor of one-GPU bf16, both against fp32
+
+
+def judge_bf16(row: dict[str, Any], got: list[torch.Tensor], ref: list[torch.Tensor],
+               ref_fp32: list[torch.Tensor], names: list[str]) -> None:
+    """Add the fp32-anchored bf16 verdict to a bf16 ``row`` (in place).
+
+    A bf16 result passes if it is within ``TOL["bf16"]`` of the one-GPU bf16 result, or, per tensor, no further
+    from the one-GPU fp32 result than ``BF16_RATIO`` times the one-GPU bf16 result is (the criterion of the
+    FlashAttention tests): where bf16 itself is off by more than the fixed tolerance (gradients of wide layers
+    summed over many tokens), the CP result only has to be as accurate as bf16 allows.
+    """
+    cp_vs = {n: _rel(a, b) for n, a, b in zip(names, got, ref_fp32)}
+    ref_vs = {n: _rel(a, b) for n, a, b in zip(names, ref, ref_fp32)}
+    ratio = max(cp_vs[n] / max(ref_vs[n], 1e-6) for n in names)
+    row.update(ref_bf16_vs_fp32=max(ref_vs.values()), cp_bf16_vs_fp32=max(cp_vs.values()), bf16_ratio=ratio)
+    row["ok"] = bool(row["ok"] or (math.isfinite(ratio) and ratio <= BF16_RATIO))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SCHEME_KEYS = {"li": "li_scheme", "fir": "fir_scheme", "featurizer": "featurizer_scheme",
                "attention": "attention_scheme", "chunks": "a2a_pipeline_chunks"}
@@ -354,14 +373,20 @@ def _check_case(args: argparse.Namespace, env: Env, case: dict[str, Any]) -> lis
             if dt == "fp32":
                 ref_fp32 = ref
             elif ref_fp32 is not None:
-                row["ref_bf16_vs_fp32"] = max(_rel(a, b) for a, b in zip(ref, ref_fp32))
-            floor = f"  (bf16 ref vs fp32 ref {row['ref_bf16_vs_fp32']:.1e})" if "ref_bf16_vs_fp32" in row else ""
+                judge_bf16(row, got, ref, ref_fp32, _names(case))
             print(f"  {case['op']:<10s} {case['scheme']:<14s} {dt}  max rel err {err:.2e}  "
-                  f"{'ok' if row['ok'] else 'FAIL'}{floor}", flush=True)
+                  f"{'ok' if row['ok'] else 'FAIL'}{_bf16_note(row)}", flush=True)
         rows.append(row)
         del seq, params, ref, got
     del gout
     return rows
+
+
+def _bf16_note(row: dict[str, Any]) -> str:
+    if "bf16_ratio" not in row:
+        return ""
+    return (f"  (vs fp32: CP bf16 {row['cp_bf16_vs_fp32']:.1e}, one-GPU bf16 {row['ref_bf16_vs_fp32']:.1e}; "
+            f"worst tensor ratio {row['bf16_ratio']:.2f})")
 
 
 def _loss_sums(model: SH2Model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,13 +461,11 @@ def check_model(args: argparse.Namespace, env: Env, cfg: SH2Config) -> list[dict
                            global_grad_rel_err=math.sqrt(diff2 / max(norm2, 1e-300)),
                            max_grad_rel_err=worst[0][1], worst_params=dict(worst), max_rel_err=err,
                            ok=bool(math.isfinite(err) and err < TOL[dt]), seconds=round(time.perf_counter() - t0, 3))
-                if dt == "fp32":
-                    pass
-                elif ref_fp32 is not None:
-                    row["ref_bf16_vs_fp32"] = max(_rel(a, b) for a, b in zip(ref_grads, ref_fp32))
+                if dt != "fp32" and ref_fp32 is not None:
+                    judge_bf16(row, grads, ref_grads, ref_fp32, names)
                 print(f"  model {cfg.layout} x{cfg.hidden_size} {name:<9s} {dt}  loss {float(loss.detach()):.5f} (ref "
                       f"{float(ref_loss):.5f}, rel {loss_err:.1e})  max grad rel err {worst[0][1]:.2e} "
-                      f"({worst[0][0]})  {'ok' if row['ok'] else 'FAIL'}", flush=True)
+                      f"({worst[0][0]})  {'ok' if row['ok'] else 'FAIL'}{_bf16_note(row)}", flush=True)
             rows.append(row)
             del grads, loss
         if env.is_main and dt == "fp32":
@@ -937,16 +960,20 @@ def summarize(out_dir: str) -> str:
     corr = [json.load(open(p)) for p in sorted(d.glob("correctness_n*.json"))]
     if corr:
         md += ["## Correctness (max relative error over output and gradients vs one GPU)", "",
-               f"Tolerances: fp32 {TOL['fp32']:g}, bf16 {TOL['bf16']:g}. Device: {corr[0].get('device')}. "
+               f"Tolerances: fp32 {TOL['fp32']:g}, bf16 {TOL['bf16']:g} against one GPU in the same dtype, or in "
+               f"bf16 a per-tensor error against one-GPU fp32 at most {BF16_RATIO:g}x that of one-GPU bf16. "
+               f"Device: {corr[0].get('device')}. "
                f"Shape: {corr[0].get('shape')}.", "",
-               "| cp | operator | scheme | dtype | max rel err | bf16 ref vs fp32 ref | ok |",
-               "|---|---|---|---|---|---|---|"]
+               "| cp | operator | scheme | dtype | max rel err vs one GPU | CP bf16 vs one-GPU fp32 "
+               "| one-GPU bf16 vs fp32 | ok |",
+               "|---|---|---|---|---|---|---|---|"]
         for c in corr:
             for r in c.get("ops", []) + c.get("model", []):
                 err = r.get("max_rel_err")
                 status = ("ok" if r.get("ok") else "**FAIL**") if "max_rel_err" in r else r.get("status", "-")
                 md.append(f"| {c['world']} | {r['op']} | {r['scheme']} | {r['dtype']} | {_fmt(err, '.2e')} | "
-                          f"{_fmt(r.get('ref_bf16_vs_fp32'), '.1e')} | {status} |")
+                          f"{_fmt(r.get('cp_bf16_vs_fp32'), '.1e')} | {_fmt(r.get('ref_bf16_vs_fp32'), '.1e')} | "
+                          f"{status} |")
         md.append("")
     scal = [json.load(open(p)) for p in sorted(d.glob("scaling_n*.json"))]
     if scal:

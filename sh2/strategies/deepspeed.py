@@ -54,9 +54,6 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                  a2a_pipeline_chunks: int = 2, ring_attention_backend: str = "auto", force_cp_ops: bool = False,
                  **kwargs: Any) -> None:
         require_deepspeed()
-        # Lightning would infer this logging-only batch size from the train dataloader before sh2's datamodule
-        # has built it (and fail); the micro-batch is the datamodule's batch_size either way.
-        kwargs.setdefault("logging_batch_size_per_gpu", 1)
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3 (ZeRO stage), got {stage!r}")
         if context_parallel_size != "auto" and (not isinstance(context_parallel_size, int)
@@ -70,6 +67,18 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                                           a2a_pipeline_chunks, ring_attention_backend)
         self._force_cp_ops = force_cp_ops
         self._zero_stage = stage
+
+    @override
+    def _auto_select_batch_size(self) -> int:
+        """DeepSpeed's (logging-only) micro-batch size for ``logging_batch_size_per_gpu="auto"``.
+
+        Lightning reads ``train_dataloader.batch_sampler.batch_size``, which sh2's streaming loaders do not
+        have (``batch_sampler`` is None: batches come whole from the iterable dataset); the micro-batch is the
+        datamodule's ``batch_size``.
+        """
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        return int(batch_size) if isinstance(batch_size, int) and batch_size > 0 else 1
 
     @override
     def setup_environment(self) -> None:

@@ -245,3 +245,19 @@ def test_strategies_are_registered_and_deepspeed_is_lazy() -> None:
     except ImportError:
         with pytest.raises(ImportError, match="pip install"):
             strategies.ContextParallelDeepSpeedStrategy(context_parallel_size=2)
+
+
+def test_deepspeed_logging_batch_size_comes_from_the_datamodule() -> None:
+    # Lightning's own rule reads train_dataloader.batch_sampler.batch_size, which is None for sh2's streaming
+    # loaders (an AttributeError in ZeRO-3's configure_model when the CLI passes logging_batch_size_per_gpu="auto")
+    from types import SimpleNamespace
+
+    from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
+
+    def module(datamodule: object) -> SimpleNamespace:
+        return SimpleNamespace(trainer=SimpleNamespace(datamodule=datamodule))
+
+    pick = ContextParallelDeepSpeedStrategy._auto_select_batch_size
+    assert pick(SimpleNamespace(lightning_module=module(SimpleNamespace(batch_size=3)))) == 3
+    assert pick(SimpleNamespace(lightning_module=module(None))) == 1
+    assert pick(SimpleNamespace(lightning_module=None)) == 1
