@@ -100,7 +100,7 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
         if self._cpg is not None and (self._cp_size > 1 or self._force_cp_ops):
             apply_context_parallel(model, self._cpg, self._cp_config)
         if self._zero_stage == 3:
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero import register_external_parameter
 
             for block in model.blocks:
                 filt = getattr(block.mixer, "filter", None)

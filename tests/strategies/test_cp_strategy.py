@@ -261,3 +261,16 @@ def test_deepspeed_logging_batch_size_comes_from_the_datamodule() -> None:
     assert pick(SimpleNamespace(lightning_module=module(SimpleNamespace(batch_size=3)))) == 3
     assert pick(SimpleNamespace(lightning_module=module(None))) == 1
     assert pick(SimpleNamespace(lightning_module=None)) == 1
+
+
+def test_deepspeed_zero3_registers_the_parameters_mixers_read_outside_their_forward() -> None:
+    pytest.importorskip("deepspeed")
+    from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
+
+    model = SH2Model(SH2Config.from_name("tiny"))
+    ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=3).parallelize_model(model)
+    for block in model.blocks:
+        filt = getattr(block.mixer, "filter", None)
+        if filt is not None:
+            registered = set(getattr(block.mixer, "_external_params", {}))  # id(param) -> param
+            assert {id(p) for p in filt.parameters()} <= registered, type(block.mixer).__name__
