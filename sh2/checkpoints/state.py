@@ -8,7 +8,9 @@ and then materialises and copies one tensor at a time, so the peak overhead is o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,9 +82,27 @@ def expected_shapes(config: SH2Config) -> dict[str, tuple[int, ...]]:
     """The sh2 state-dict keys and shapes of a model with this config (without building it)."""
     from sh2.models.model import SH2Model
 
-    with torch.device("meta"):
+    with torch.device("meta"), _outside_zero_init():
         model = SH2Model(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def _outside_zero_init() -> Iterator[None]:
+    """Suspend an active ``deepspeed.zero.Init`` (ZeRO-3 ``configure_model``, where init_from is loaded).
+
+    Inside it, every module built is partitioned and materialised, the meta device notwithstanding: the
+    shape model above would report empty shapes and allocate its parameters.
+    """
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if zero is None:
+        yield
+        return
+    zero.shutdown_init_context()
+    try:
+        yield
+    finally:
+        zero.restore_init_context()
 
 
 def check_state(shapes: Mapping[str, tuple[int, ...]], state: LazyStateDict, what: str) -> None:

@@ -64,14 +64,29 @@ class SH2Model(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
 
+    def init_units(self) -> list[nn.Module]:
+        """The submodules that together hold every parameter: embedding, each block, final norm, LM head.
+
+        Sharded strategies that must gather parameters to initialise them (DeepSpeed ZeRO-3) do it one unit
+        at a time, so that no GPU ever holds more than one block in full.
+        """
+        return [self.embedding, *self.blocks, self.norm, *([self.lm_head] if self.lm_head is not None else [])]
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re-)initialise every parameter, e.g. after ``to_empty`` from the meta device."""
-        self._init_embeddings()
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters") and not isinstance(
-                    module, (nn.Linear, nn.Embedding)):
-                module.reset_parameters()
+    def init_weights(self, units: list[nn.Module] | None = None) -> None:
+        """(Re-)initialise every parameter, e.g. after ``to_empty`` from the meta device.
+
+        Args:
+            units: only these submodules (elements of :meth:`init_units`); default: the whole model.
+        """
+        for unit in self.init_units() if units is None else units:
+            if unit is self.embedding:
+                nn.init.normal_(self.embedding.weight, std=self.config.init_std)
+            elif unit is self.lm_head:
+                nn.init.normal_(self.lm_head.weight, std=self.config.init_std)
+            for module in unit.modules():
+                if hasattr(module, "reset_parameters") and not isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.reset_parameters()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2:

@@ -6,6 +6,7 @@ and selecting the strategy without it fails with an install hint.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -67,6 +68,19 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                                           a2a_pipeline_chunks, ring_attention_backend)
         self._force_cp_ops = force_cp_ops
         self._zero_stage = stage
+
+    def gathered_parameters(self, module: nn.Module) -> AbstractContextManager:
+        """A context in which ``module``'s parameters are whole; rank 0's values are kept on exit.
+
+        With ZeRO-3 the model is built partitioned (``deepspeed.zero.Init``), so the module's initialisation
+        and ``init_from`` must write into gathered parameters (``SH2LightningModule.configure_model`` does
+        it block by block). Stages 1 and 2 build whole parameters: a no-op.
+        """
+        if self._zero_stage != 3:
+            return nullcontext()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(list(module.parameters()), modifier_rank=0)
 
     @override
     def _auto_select_batch_size(self) -> int:

@@ -81,11 +81,19 @@ class SH2LightningModule(L.LightningModule):
         with torch.device("meta") if meta else nullcontext():
             self.model = SH2Model(self.config)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
+        # DeepSpeed ZeRO-3 builds the model partitioned (zero.Init): parameters are empty placeholders until
+        # gathered, so the model's own initialisation and init_from must run on gathered parameters.
+        gather = getattr(strategy, "gathered_parameters", None)
+        if gather is not None and not self.hparams.init_from:
+            for unit in self.model.init_units():
+                with gather(unit):
+                    self.model.init_weights([unit])
         if self.hparams.init_from:
             from sh2.checkpoints import CheckpointError, load_into
 
             try:
-                load_into(self.model, self.hparams.init_from)
+                with gather(self.model) if gather is not None else nullcontext():
+                    load_into(self.model, self.hparams.init_from)
             except CheckpointError as err:
                 raise CheckpointError(
                     f"model.init_from={self.hparams.init_from!r}: {err}\nFix: point model.init_from at an existing "
