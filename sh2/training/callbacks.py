@@ -57,7 +57,10 @@ class ValidationReport(L.Callback):
         dm = trainer.datamodule
         if self._entropy is None and dm is not None and hasattr(dm, "unigram_entropy"):
             self._entropy = float(dm.unigram_entropy())
-        msg = f"[sh2] step {trainer.global_step}: val/loss {float(loss):.4f} nats/token"
+        step = trainer.global_step
+        if trainer.state.fn != "fit" and getattr(pl_module, "checkpoint_step", None) is not None:
+            step = pl_module.checkpoint_step  # validate/test: the loops start at 0; the weights are from here
+        msg = f"[sh2] step {step}: val/loss {float(loss):.4f} nats/token"
         if self._entropy is not None:
             verdict = "below" if float(loss) < self._entropy else "not below"
             msg += f", unigram entropy of validation bases {self._entropy:.4f} nats/token ({verdict})"

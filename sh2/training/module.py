@@ -70,6 +70,7 @@ class SH2LightningModule(L.LightningModule):
         self._tokens_since = 0
         self._perf: list[tuple[float, float | None]] = []  # (tokens/s, MFU) per logging interval
         self._perf_step = -1
+        self.checkpoint_step: int | None = None  # set when weights come from a Lightning checkpoint
 
     # ----------------------------------------------------------------- model construction
     def configure_model(self) -> None:
@@ -161,6 +162,11 @@ class SH2LightningModule(L.LightningModule):
                        f"{prefix}/bits_per_token": loss / math.log(2)}, sync_dist=False, prog_bar=False)
         if prefix == "val":
             self._last_val_loss = float(loss)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember the step the weights were saved at (``sh2 validate --ckpt_path`` reports it)."""
+        step = checkpoint.get("global_step")
+        self.checkpoint_step = int(step) if isinstance(step, int) else None
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:

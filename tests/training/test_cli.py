@@ -62,7 +62,7 @@ def test_fit_then_validate_then_finetune_from_checkpoint(tmp_path):
                   "--data.val_batches", "2", "--ckpt_path", str(last),
                   "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "val/loss" in res.stdout
+    assert "[sh2] step 4: val/loss" in res.stdout  # the checkpoint's step, not the validate loop's 0
 
     res = run_sh2("fit", "--config", str(ROOT / "configs/finetune.yaml"), *FAST, "--model.init_from", str(last),
                   "--trainer.logger.init_args.save_dir", str(logs), cwd=tmp_path)
