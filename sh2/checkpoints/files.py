@@ -200,3 +200,60 @@ def load_distributed_checkpoint(path: str | os.PathLike, trust_pickle: bool = Fa
         except (CheckpointError, AttributeError):
             hyper_parameters = {}
     return {"state_dict": weights, "hyper_parameters": hyper_parameters}
+
+
+def deepspeed_checkpoint_tag(path: str | os.PathLike) -> Path | None:
+    """The tag folder of a DeepSpeed checkpoint written by a Lightning run, else None.
+
+    Lightning's DeepSpeed strategies write ``last.ckpt/`` as a folder with a ``latest`` file naming the tag
+    folder (``checkpoint/``) that holds ``*model_states.pt`` (with Lightning's hyper-parameters) and
+    ``*optim_states.pt`` (the fp32 weights, partitioned). Savanna's ``global_stepN`` folders are DeepSpeed
+    checkpoints too but carry no hyper-parameters; they are read by the Savanna reader instead.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    latest = path / "latest"
+    tag = path / latest.read_text().strip() if latest.is_file() else path
+    states = sorted(tag.glob("*model_states.pt"))
+    if not states or not sorted(tag.glob("*optim_states.pt")):
+        return None
+    try:
+        client = load_file(states[0])
+    except CheckpointError:
+        return None
+    return tag if isinstance(client, dict) and "hyper_parameters" in client else None
+
+
+def load_deepspeed_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
+    """The fp32 model weights of a Lightning DeepSpeed checkpoint folder (ZeRO 1-3, any number of ranks),
+    as ``{"state_dict", "hyper_parameters"}``, in one process on the CPU.
+
+    The weights are gathered from the ZeRO partitions of the optimizer files with DeepSpeed's own
+    ``zero_to_fp32`` (the only complete fp32 copy; ZeRO-3 model files hold none).
+
+    Raises:
+        CheckpointError: not such a folder, ``trust_pickle`` not set (DeepSpeed's optimizer files hold pickled
+            objects), or the ``deepspeed`` package missing.
+    """
+    tag = deepspeed_checkpoint_tag(path)
+    if tag is None:
+        raise CheckpointError(f"{path} is not a DeepSpeed checkpoint folder written by sh2/Lightning")
+    if not trust_pickle:
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder: its fp32 weights are in DeepSpeed's "
+                              f"optimizer files, which hold pickled Python objects. If you trust the folder "
+                              f"(e.g. your own run), load it with trust_pickle=True (in a config: "
+                              f"model.init_from_trust_pickle: true)")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the deepspeed package: "
+                              f"pip install 'sh2[deepspeed]'") from None
+    client = load_file(sorted(tag.glob("*model_states.pt"))[0])
+    try:
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    except Exception as err:  # DeepSpeed raises assorted errors on incomplete folders
+        raise CheckpointError(f"cannot read the DeepSpeed checkpoint {path}: {type(err).__name__}: {err}") from None
+    prefix = "_forward_module."  # Lightning's wrapper around the LightningModule inside the DeepSpeed engine
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
+    return {"state_dict": state, "hyper_parameters": client.get("hyper_parameters") or {}}

@@ -10,7 +10,9 @@ Formats (detected from the file's content, not its name):
 - ``savanna``: a Savanna/DeepSpeed ``mp_rank_00_model_states.pt`` (file or ``global_stepN`` directory).
 
 A sharded Lightning checkpoint folder (``torch.distributed.checkpoint``, what FSDP2 and the context-parallel
-strategy write) is read as ``lightning``: its model weights only, in one process.
+strategy write) is read as ``lightning``: its model weights only, in one process. So is a Lightning DeepSpeed
+checkpoint folder (ZeRO 1-3; its fp32 weights gathered with DeepSpeed's ``zero_to_fp32``, which needs the
+``deepspeed`` package and ``trust_pickle``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from torch import nn
 from sh2.checkpoints.files import (
     CheckpointError,
     assemble_shards,
+    deepspeed_checkpoint_tag,
     is_distributed_checkpoint,
+    load_deepspeed_checkpoint,
     load_distributed_checkpoint,
     load_file,
 )
@@ -128,6 +132,9 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
     if is_distributed_checkpoint(path):  # sharded Lightning checkpoint (FSDP2 / context-parallel runs)
         file, is_savanna_dir = Path(path), False
         obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
+    elif deepspeed_checkpoint_tag(path) is not None:  # Lightning DeepSpeed run (sh2_cp_deepspeed, ZeRO 1-3)
+        file, is_savanna_dir = Path(path), False
+        obj = load_deepspeed_checkpoint(file, trust_pickle=trust_pickle)
     else:
         file, is_savanna_dir = _resolve(Path(path))
         obj = load_file(assemble_shards(file), trust_pickle=trust_pickle)

@@ -44,8 +44,11 @@ class SH2LightningModule(L.LightningModule):
         eps: AdamW epsilon.
         grad_clip: gradient-norm clipping threshold (0 disables); the norm is logged as ``train/grad_norm``.
         activation_checkpointing: recompute every block in the backward pass.
-        init_from: weights to start from (sh2 checkpoint, Vortex or Savanna Evo 2 file): weights only, no
-            optimizer state; use ``--ckpt_path`` to resume a run instead.
+        init_from: weights to start from (sh2 checkpoint file or folder, including FSDP2 and DeepSpeed run
+            folders; Vortex or Savanna Evo 2 file): weights only, no optimizer state; use ``--ckpt_path`` to
+            resume a run instead.
+        init_from_trust_pickle: allow ``init_from`` files that hold pickled Python objects (DeepSpeed
+            optimizer files, some Savanna files). Only for files from a trusted source.
         log_every_n_steps: how often throughput and MFU are logged.
     """
 
@@ -54,7 +57,7 @@ class SH2LightningModule(L.LightningModule):
                  decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
                  activation_checkpointing: bool = False, init_from: str | None = None,
-                 log_every_n_steps: int = 10) -> None:
+                 init_from_trust_pickle: bool = False, log_every_n_steps: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = SH2Config.from_name(preset, **{"vocab_size": vocab_size, **(overrides or {})})
@@ -94,12 +97,12 @@ class SH2LightningModule(L.LightningModule):
 
             try:
                 with gather(self.model) if gather is not None else nullcontext():
-                    load_into(self.model, self.hparams.init_from)
+                    load_into(self.model, self.hparams.init_from, trust_pickle=self.hparams.init_from_trust_pickle)
             except CheckpointError as err:
-                raise CheckpointError(
-                    f"model.init_from={self.hparams.init_from!r}: {err}\nFix: point model.init_from at an existing "
-                    f"checkpoint whose architecture matches model.preset / model.overrides (or change those to "
-                    f"the checkpoint's architecture)") from None
+                fix = ("set model.init_from_trust_pickle: true if you trust the file" if "trust_pickle" in str(err)
+                       else "point model.init_from at an existing checkpoint whose architecture matches "
+                       "model.preset / model.overrides (or change those to the checkpoint's architecture)")
+                raise CheckpointError(f"model.init_from={self.hparams.init_from!r}: {err}\nFix: {fix}") from None
         if strategy is not None and hasattr(strategy, "parallelize_model"):
             strategy.parallelize_model(self.model)
 
