@@ -15,11 +15,14 @@
 # over to the next phases) and a `timeout`. cp_multi.py skips (and records) what would not fit; after a crash
 # (e.g. out of memory on one rank) it is relaunched with --resume, which records the failed check or
 # configuration and goes on. All processes are started by torchrun (Lightning reads its environment; no Lightning
-# subprocess launcher). A device call is at most 10 minutes: on 2 GPUs, run it as two calls, e.g.
-#   SKIP="train deepspeed" BUDGET=500 bash bench/multi_gpu.sh OUT   and   SKIP="corr scal" bash bench/multi_gpu.sh OUT
-# (copy both OUT folders into one and run `python3 bench/cp_multi.py summary DIR` for the tables of both).
-# Options (environment): NGPU (default: all GPUs of the host; DEVICE=cpu: 4), BUDGET, SKIP="corr scal train
-# deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS, LENGTHS and VLENGTHS (scaling lengths, and the lengths of
+# subprocess launcher). The phases need about 740 s on 2 GPUs, 1080 s on 4 and 1420 s on 8 (correctness and
+# scaling grow with the CP sizes), more than one 10-minute device call: split them with SKIP, e.g.
+#   2 GPUs: SKIP="train deepspeed"  |  SKIP="corr scal"
+#   4 or 8: SKIP="scal train deepspeed"  |  SKIP="corr train deepspeed"  |  SKIP="corr scal"
+#   (8 GPUs: the scaling phase alone needs ~660 s; split it further with LENGTHS / VLENGTHS)
+# then copy the OUT folders into one and run `python3 bench/cp_multi.py summary DIR` for the tables of all.
+# Options (environment): NGPU (default: the GPUs torch sees; DEVICE=cpu: 4), BUDGET (default: what the phases
+# need), SKIP="corr scal train deepspeed", LAYOUT, FIT_STEPS, RESUME_STEPS, DS_STEPS, LENGTHS and VLENGTHS (scaling lengths, and the lengths of
 # the scheme variants; space-separated), SH2_AUTOTUNE (default 0: Triton autotuning compiles every candidate, too
 # slow for the time box), PY.
 # Wheels of packages missing on the GPU image are carried in .whl_train/ (bash bench/fetch_wheels.sh builds it).
@@ -37,8 +40,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export SH2_AUTOTUNE=${SH2_AUTOTUNE:-0}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-500}            # seconds for all phases that run (keep a call under 9 minutes), shared by weight
+BUDGET=${BUDGET:-}                # seconds for all phases that run; default: the sum of their weights (below)
 SKIP=${SKIP:-}                   # phases not to run, e.g. SKIP="corr train" (words: corr scal train deepspeed)
+for w in $SKIP; do
+  case $w in corr|scal|train|deepspeed) ;; *) echo "SKIP: unknown word '$w' (corr scal train deepspeed)"; exit 2;; esac
+done
 LAYOUT=${LAYOUT:-SDH*}           # layers of the scaling stack and of the training runs
 FIT_STEPS=${FIT_STEPS:-20}; RESUME_STEPS=${RESUME_STEPS:-6}; DS_STEPS=${DS_STEPS:-4}
 CKPT=${CKPT_DIR:-/tmp/sh2_multi_ckpt}
@@ -61,7 +67,7 @@ if [ "$DEVICE" = cpu ]; then
   FIT_DEV=(--trainer.accelerator cpu --trainer.precision 32-true --data.num_workers 0
            --trainer.strategy.init_args.process_group_backend gloo --trainer.strategy.init_args.mixed_precision null)
 else
-  NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+  NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null)}  # CUDA_VISIBLE_DEVICES
   SHAPE=(--device cuda)
   CORR=(--op-seq-len 8192 --model-seq-len 8192)
   read -ra LENGTHS <<< "${LENGTHS:-131072 262144 524288}"; read -ra VLENGTHS <<< "${VLENGTHS:-131072 262144}"
@@ -74,7 +80,7 @@ case "$NGPU" in 2|4|8) ;; *) echo "NGPU=$NGPU: this script needs 2, 4 or 8 GPUs 
 CPS=(); for n in 2 4 8; do [ "$n" -le "$NGPU" ] && CPS+=("$n"); done
 
 T0=$SECONDS
-echo "== sh2 issue 7 multi-GPU run: $(date -u +%FT%TZ), OUT=$OUT, DEVICE=$DEVICE, LAYOUT=$LAYOUT, budget ${BUDGET}s"
+echo "== sh2 issue 7 multi-GPU run: $(date -u +%FT%TZ), OUT=$OUT, DEVICE=$DEVICE, NGPU=$NGPU, LAYOUT=$LAYOUT"
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi -L; nvidia-smi topo -m > "$OUT/topo.txt" 2>&1 && cat "$OUT/topo.txt"
 fi
@@ -84,16 +90,25 @@ env | grep -E "^(NCCL_NVLS_ENABLE|TORCH_SYMM_MEM_DISABLE_MULTICAST|NVSHMEM_DISAB
 
 SHOW='FAIL|cp_multi|^  cp[0-9]|^  model|resume:|\[sh2\]|Restor|Error|error:|Traceback|out of memory|Killed|skipped'
 skipped() { case " $SKIP " in *" $1 "*) return 0;; esac; return 1; }
-# The phases that run, in order, with their weights (shares of BUDGET); END[name] = the phase's deadline after T0.
+# The phases that run, in order, with their weights: the seconds each needs at the 7B shapes on H100s (measured on
+# 2 GPUs, rounded up), scaled to BUDGET when it is given; END[name] = the phase's deadline after T0.
 PLAN=()
-if ! skipped corr; then for n in "${CPS[@]}"; do PLAN+=("corr$n:100"); done; fi
-if ! skipped scal; then PLAN+=("scal1:90"); for n in "${CPS[@]}"; do PLAN+=("scal$n:140"); done; fi
-if ! skipped train; then PLAN+=("fit:200" "resume:110"); fi
-if ! skipped deepspeed && [ "$DEVICE" = cuda ]; then PLAN+=("deepspeed:150"); fi
+if ! skipped corr; then for n in "${CPS[@]}"; do PLAN+=("corr$n:140"); done; fi
+if ! skipped scal; then PLAN+=("scal1:60"); for n in "${CPS[@]}"; do PLAN+=("scal$n:200"); done; fi
+if ! skipped train; then PLAN+=("fit:130" "resume:90"); fi
+if ! skipped deepspeed; then
+  if [ "$DEVICE" = cuda ]; then PLAN+=("deepspeed:120"); else echo "=== deepspeed: not run on $DEVICE (needs CUDA)"; fi
+fi
 declare -A END
 total=0; for p in "${PLAN[@]}"; do total=$((total + ${p#*:})); done
+BUDGET=${BUDGET:-$total}
+if [ "$total" -gt 560 ] && [ "$BUDGET" -ge "$total" ]; then
+  echo "note: these phases need ~${total}s; a device call allows 600 s: split them with SKIP (header)"
+elif [ "$BUDGET" -lt "$total" ]; then
+  echo "note: BUDGET=${BUDGET}s < the ~${total}s these phases need: each gets a share, checks left over are skipped"
+fi
 acc=0; for p in "${PLAN[@]}"; do acc=$((acc + ${p#*:})); END[${p%%:*}]=$((acc * BUDGET / (total > 0 ? total : 1))); done
-echo "phases (deadline s after start): $(for p in "${PLAN[@]}"; do printf '%s@%s ' "${p%%:*}" "${END[${p%%:*}]}"; done)"
+echo "budget ${BUDGET}s; phases (deadline s after start): $(for p in "${PLAN[@]}"; do printf '%s@%s ' "${p%%:*}" "${END[${p%%:*}]}"; done)"
 
 phase() {  # phase NAME END CMD...: run CMD until T0 + END seconds at the latest; keep its log, show key lines
   local name=$1 end=$2; shift 2

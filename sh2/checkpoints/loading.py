@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from sh2.checkpoints.files import (
     load_file,
 )
 from sh2.checkpoints.savanna import find_savanna_file, read_savanna
-from sh2.checkpoints.state import LazyStateDict, as_lazy, check_state, expected_shapes
+from sh2.checkpoints.state import LazyStateDict, _outside_zero_init, as_lazy, check_state, expected_shapes
 from sh2.checkpoints.vortex import find_vortex_yaml, read_vortex
 from sh2.checkpoints.vortex_config import config_from_vortex, read_yaml, warn_if_fp8_trained
 from sh2.models.config import SH2Config
@@ -194,7 +195,8 @@ def load_pretrained(path: str, config: SH2Config | None = None, *,
 @torch.no_grad()
 def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
               vortex_config: str | os.PathLike | Mapping[str, Any] | None = None,
-              trust_pickle: bool = False) -> SH2Config | None:
+              trust_pickle: bool = False,
+              gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> SH2Config | None:
     """Copy pretrained weights into an existing model, in place.
 
     Every key and shape is validated before anything is copied (the first mismatch is reported with
@@ -206,23 +208,42 @@ def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Ten
         path: a checkpoint path (any supported format) or an sh2 state dict.
         vortex_config: evo2 YAML for Vortex files.
         trust_pickle: allow pickled objects (trusted files only).
+        gather: for a model with partitioned parameters (DeepSpeed ZeRO-3): ``gather(unit)`` is a context in
+            which ``unit``'s parameters are whole. The weights are then copied one ``model.init_units()``
+            unit at a time, so no device holds more than one block in full.
 
     Returns:
         The config the weights were converted with.
     """
-    config = getattr(model, "config", None)
-    targets = model.state_dict()
-    if isinstance(path, Mapping):
-        state, where = as_lazy(_strip(path, False)), "state dict"
-    else:
-        config, state, fmt = read_checkpoint(path, config, vortex_config, trust_pickle)
-        where = f"{path} ({fmt})"
-    check_state({k: tuple(v.shape) for k, v in targets.items()}, state, where)
+    with _outside_zero_init():  # conversions must not build partitioned bf16 tensors under zero.Init
+        config = getattr(model, "config", None)
+        if gather is None:
+            shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        elif config is None:
+            raise CheckpointError("load_into with gather= needs an SH2Model (model.config)")
+        else:
+            shapes = expected_shapes(config)
+        if isinstance(path, Mapping):
+            state, where = as_lazy(_strip(path, False)), "state dict"
+        else:
+            config, state, fmt = read_checkpoint(path, config, vortex_config, trust_pickle)
+            where = f"{path} ({fmt})"
+        check_state(shapes, state, where)
+        if gather is None:
+            _copy(model.state_dict(), state, "")
+            return config
+        names = {id(m): n for n, m in model.named_modules()}
+        for unit in model.init_units():
+            with gather(unit):
+                _copy(unit.state_dict(), state, names[id(unit)] + ".")
+    return config
+
+
+def _copy(targets: Mapping[str, torch.Tensor], state: LazyStateDict, prefix: str) -> None:
     for key, dst in targets.items():
         if dst.is_meta:
-            raise CheckpointError(f"load_into: {key} is on the meta device; materialise the model first "
+            raise CheckpointError(f"load_into: {prefix}{key} is on the meta device; materialise the model first "
                                   f"(model.to_empty(device=...))")
-        src = state[key]
+        src = state[prefix + key]
         dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
         del src
-    return config

@@ -94,15 +94,21 @@ def _outside_zero_init() -> Iterator[None]:
     Inside it, every module built is partitioned and materialised, the meta device notwithstanding: the
     shape model above would report empty shapes and allocate its parameters.
     """
+    global _suspended
     zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    if zero is None:
+    if zero is None or _suspended:  # nested: the outermost call restores
         yield
         return
     zero.shutdown_init_context()
+    _suspended = True
     try:
         yield
     finally:
+        _suspended = False
         zero.restore_init_context()
+
+
+_suspended = False
 
 
 def check_state(shapes: Mapping[str, tuple[int, ...]], state: LazyStateDict, what: str) -> None:

@@ -79,7 +79,10 @@ class SH2Model(nn.Module):
         Args:
             units: only these submodules (elements of :meth:`init_units`); default: the whole model.
         """
-        for unit in self.init_units() if units is None else units:
+        units = self.init_units() if units is None else units
+        # embedding and LM head first: the order (and so the weights for a given seed) of a plain build
+        heads = [u for u in units if u is self.embedding or u is self.lm_head]
+        for unit in heads + [u for u in units if not any(u is h for h in heads)]:
             if unit is self.embedding:
                 nn.init.normal_(self.embedding.weight, std=self.config.init_std)
             elif unit is self.lm_head:

@@ -69,14 +69,20 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
         self._force_cp_ops = force_cp_ops
         self._zero_stage = stage
 
+    @property
+    def builds_partitioned_model(self) -> bool:
+        """ZeRO-3 (by argument or by a passed DeepSpeed config): ``configure_model`` runs under
+        ``deepspeed.zero.Init`` and the parameters are partitioned placeholders until gathered."""
+        return bool(self.zero_stage_3)
+
     def gathered_parameters(self, module: nn.Module) -> AbstractContextManager:
         """A context in which ``module``'s parameters are whole; rank 0's values are kept on exit.
 
-        With ZeRO-3 the model is built partitioned (``deepspeed.zero.Init``), so the module's initialisation
-        and ``init_from`` must write into gathered parameters (``SH2LightningModule.configure_model`` does
-        it block by block). Stages 1 and 2 build whole parameters: a no-op.
+        With ZeRO-3 the model is built partitioned, so sh2's initialisation and ``init_from`` write into
+        gathered parameters, one :meth:`SH2Model.init_units` unit at a time
+        (``SH2LightningModule.configure_model``). Without ZeRO-3: a no-op.
         """
-        if self._zero_stage != 3:
+        if not self.builds_partitioned_model:
             return nullcontext()
         from deepspeed.runtime.zero import GatheredParameters
 
@@ -113,7 +119,7 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
         """Set the CP operators (no parameter sharding here: ZeRO does it in ``setup``)."""
         if self._cpg is not None and (self._cp_size > 1 or self._force_cp_ops):
             apply_context_parallel(model, self._cpg, self._cp_config)
-        if self._zero_stage == 3:
+        if self.builds_partitioned_model:
             from deepspeed.runtime.zero import register_external_parameter
 
             for block in model.blocks:
@@ -121,7 +127,8 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                 if filt is not None:
                     for p in filt.parameters():
                         register_external_parameter(block.mixer, p)
-            if getattr(model, "lm_head", None) is None:
-                register_external_parameter(model, model.embedding.weight)
+            # SH2Model.head reads the LM-head matrix (tied: the embedding) without calling that module
+            head = model.embedding if getattr(model, "lm_head", None) is None else model.lm_head
+            register_external_parameter(model, head.weight)
         return model
 

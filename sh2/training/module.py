@@ -87,7 +87,7 @@ class SH2LightningModule(L.LightningModule):
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         # DeepSpeed ZeRO-3 builds the model partitioned (zero.Init): parameters are empty placeholders until
         # gathered, so the model's own initialisation and init_from must run on gathered parameters.
-        gather = getattr(strategy, "gathered_parameters", None)
+        gather = strategy.gathered_parameters if getattr(strategy, "builds_partitioned_model", False) else None
         if gather is not None and not self.hparams.init_from:
             for unit in self.model.init_units():
                 with gather(unit):
@@ -96,8 +96,8 @@ class SH2LightningModule(L.LightningModule):
             from sh2.checkpoints import CheckpointError, load_into
 
             try:
-                with gather(self.model) if gather is not None else nullcontext():
-                    load_into(self.model, self.hparams.init_from, trust_pickle=self.hparams.init_from_trust_pickle)
+                load_into(self.model, self.hparams.init_from, trust_pickle=self.hparams.init_from_trust_pickle,
+                          gather=gather)
             except CheckpointError as err:
                 fix = ("set model.init_from_trust_pickle: true if you trust the file" if "trust_pickle" in str(err)
                        else "point model.init_from at an existing checkpoint whose architecture matches "

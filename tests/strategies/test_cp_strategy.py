@@ -267,10 +267,17 @@ def test_deepspeed_zero3_registers_the_parameters_mixers_read_outside_their_forw
     pytest.importorskip("deepspeed")
     from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
 
-    model = SH2Model(SH2Config.from_name("tiny"))
-    ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=3).parallelize_model(model)
-    for block in model.blocks:
-        filt = getattr(block.mixer, "filter", None)
-        if filt is not None:
-            registered = set(getattr(block.mixer, "_external_params", {}))  # id(param) -> param
-            assert {id(p) for p in filt.parameters()} <= registered, type(block.mixer).__name__
+    # ZeRO-3 chosen by argument or by a DeepSpeed config (Lightning builds the model under zero.Init either way)
+    assert ContextParallelDeepSpeedStrategy(stage=3).builds_partitioned_model
+    assert ContextParallelDeepSpeedStrategy(config={"zero_optimization": {"stage": 3}}).builds_partitioned_model
+    assert not ContextParallelDeepSpeedStrategy(stage=2).builds_partitioned_model
+    for tied in (True, False):
+        model = SH2Model(SH2Config.from_name("tiny", tie_embeddings=tied))
+        ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=3).parallelize_model(model)
+        for block in model.blocks:
+            filt = getattr(block.mixer, "filter", None)
+            if filt is not None:
+                registered = set(getattr(block.mixer, "_external_params", {}))  # id(param) -> param
+                assert {id(p) for p in filt.parameters()} <= registered, type(block.mixer).__name__
+        head = model.embedding.weight if tied else model.lm_head.weight  # read by SH2Model.head directly
+        assert id(head) in getattr(model, "_external_params", {})
