@@ -191,6 +191,12 @@ def load_source(
             f"Could not find {description} (split {split!r}): {err}. Check data.path/data.name/data.split, "
             "or give a local file path."
         ) from err
+    except ConnectionError as err:  # no network, or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set
+        raise ConnectionError(
+            f"Could not reach the Hugging Face Hub for {description} ({err}). Streaming a hub dataset needs "
+            "network access; on an offline machine download the files first and set data.path to the local "
+            "file, directory or glob (FASTA, text, json/jsonl, csv, parquet)."
+        ) from err
     return DocumentSource(ds, text_field, f"{description}, split {split!r}")
 
 

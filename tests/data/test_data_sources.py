@@ -139,3 +139,34 @@ def test_empty_dataset_is_rejected(tmp_path):
     path = write(tmp_path / "empty.jsonl", json.dumps({"text": ""}) + "\n")
     with pytest.raises(ValueError, match="contains no documents"):
         load_source(str(path)).check()
+
+
+def test_hub_dataset_branch_streams_the_named_split(monkeypatch):
+    # no network here: the hub call is replaced by a local stream, the arguments sh2 passes are checked
+    import datasets
+
+    import sh2.data.sources as sources
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return datasets.Dataset.from_dict({"seq": ["ACGT", "GGCC"]}).to_iterable_dataset()
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    src = load_source("arcinstitute/opengenome2", name="eukaryote", split="validation", text_field="seq")
+    assert calls == [("arcinstitute/opengenome2", "eukaryote",
+                      {"split": "validation", "streaming": True, "data_files": None})]
+    assert list(src.documents()) == ["ACGT", "GGCC"]
+    assert "hub dataset data.path='arcinstitute/opengenome2'" in src.description
+
+
+def test_hub_dataset_offline_says_what_to_do(monkeypatch):
+    import sh2.data.sources as sources
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/genomes' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", offline)
+    with pytest.raises(ConnectionError, match="set data.path to the local file"):
+        load_source("org/genomes")
