@@ -1,0 +1,157 @@
+"""Per-GPU memory of SH2 training with FSDP2 and context parallelism: a calibrated estimate for planning.
+
+How many GPUs does a 7B model need at 1M tokens? The estimate adds four parts (bytes, per GPU):
+
+- **states**: fp32 weights and gradients (8 B/parameter), plus AdamW's two moments (8 B/parameter) when
+  training, sharded over the ``dp x cp`` ranks (FSDP2 shards over data and context parallel ranks);
+- **gathered**: the unsharded bf16 weights and fp32 gradients of the largest block while it computes, and
+  the next block's prefetched weights (``P_block * (2 + 2 + 4)``; none without sharding);
+- **activations**: ``T = batch * seq_len / cp`` tokens per GPU. With activation checkpointing: each block's
+  fp32 input (``4 D`` bytes per token and layer) plus the working set of recomputing and back-propagating
+  one block, ``w D`` bytes per token, where ``w`` is the largest coefficient of the block types in the
+  layout; without checkpointing every block keeps its working set. Plus the fp32 logits, their gradient and
+  a bf16 copy (``12 V`` bytes per token).
+
+The coefficients were fitted to peak memory measured on H100/H200 at the 7B width (D = 4096, MLP 11264,
+bf16 autocast; ``docs/context_parallel.md``, ``docs/benchmarks.md``): ``w`` = 91.6 for a block with Hyena-LI
+(its fp32 FFT convolution), 49.7 for attention. Hyena-SE and -MR blocks were not measured alone; they are
+taken as attention's (same MLP, a lighter mixer). The CP operators' exchange buffers are within the fit's
+error and have no term. The fit reproduces eleven measured peaks (1-4 GPUs, 32K-512K tokens, 4 and 8
+layers) within 8% (``tests/training/test_memory.py``). It estimates PyTorch's peak allocated memory: the
+allocator's reserve and the CUDA context add a few GiB, and other widths or MLP ratios and the FFT slice size
+(``SH2_FFT_SLICE_MB``) move it.
+
+    python -m sh2.training.memory --preset evo2_7b_1m --seq-len 1048576 --cp 8 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from sh2.models.config import SH2Config
+
+GIB = 2**30
+# Working set (bytes per token per model channel) of recomputing + back-propagating one block, by block type.
+BLOCK_WORKING_SET = {"LI": 91.6, "MHA": 49.7, "SE": 49.7, "MR": 49.7}
+CHECKPOINT_BYTES = 4   # per token and channel: a block's fp32 input kept by activation checkpointing
+LOGIT_BYTES = 12       # per token and vocabulary entry: fp32 logits, their gradient and a bf16 copy
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory per GPU, in GiB, by part."""
+
+    states: float
+    gathered: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.states + self.gathered + self.activations + self.logits
+
+
+def _parameter_counts(config: SH2Config) -> tuple[int, int]:
+    """(all parameters, parameters of the largest block), counted on the meta device."""
+    from sh2.models.model import SH2Model
+
+    with torch.device("meta"):
+        model = SH2Model(config)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
+    return total, largest
+
+
+def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp: int = 1, batch: int = 1,
+                             activation_checkpointing: bool = True, optimizer: bool = True,
+                             sharded: bool = True) -> MemoryEstimate:
+    """Estimate the peak memory per GPU of one training step (see the module docstring for the model).
+
+    Args:
+        config: the model.
+        seq_len: tokens per sequence.
+        cp: context-parallel size (ranks per sequence).
+        dp: data-parallel size (FSDP2 shards the states over ``dp * cp`` ranks).
+        batch: sequences per data-parallel rank.
+        activation_checkpointing: recompute each block in the backward pass (sh2's long-context configs do).
+        optimizer: include AdamW's moments (False: forward + backward only).
+        sharded: FSDP2 sharding of weights, gradients and optimizer state (False: replicated).
+
+    Returns:
+        The estimate by part, in GiB.
+
+    Raises:
+        ValueError: non-positive sizes, or ``seq_len`` not divisible by ``2 * cp`` (the zig-zag split).
+    """
+    for name, value in (("seq_len", seq_len), ("cp", cp), ("dp", dp), ("batch", batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if cp > 1 and seq_len % (2 * cp):
+        raise ValueError(f"seq_len={seq_len} is not divisible by 2 * cp = {2 * cp} (context parallelism splits "
+                         f"each sequence into 2 * cp chunks)")
+    params, block_params = _parameter_counts(config)
+    shards = dp * cp if sharded else 1
+    states = params * (16 if optimizer else 8) / shards
+    gathered = block_params * (2 + 2 + 4) if sharded and shards > 1 else 0.0
+    tokens = batch * seq_len / cp
+    d = config.hidden_size
+    working = max(BLOCK_WORKING_SET[op] for op in config.operators)
+    if activation_checkpointing:
+        activations = tokens * d * (CHECKPOINT_BYTES * config.num_layers + working)
+    else:
+        activations = tokens * d * sum(BLOCK_WORKING_SET[op] for op in config.operators)
+    logits = tokens * config.vocab_size * LOGIT_BYTES
+    return MemoryEstimate(states / GIB, gathered / GIB, activations / GIB, logits / GIB)
+
+
+def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1, headroom: float = 0.9,
+                max_cp: int = 256, **kwargs: bool | int) -> int | None:
+    """The smallest power-of-two CP size whose estimate fits ``headroom * gpu_gib``, or None up to ``max_cp``."""
+    cp = 1
+    while cp <= max_cp:
+        if seq_len % (2 * cp) == 0 or cp == 1:
+            est = estimate_training_memory(config, seq_len, cp=cp, dp=dp, **kwargs)
+            if est.total <= headroom * gpu_gib:
+                return cp
+        cp *= 2
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sh2.training.memory``: a table of the estimate for one preset and several CP sizes."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="evo2_7b_1m")
+    ap.add_argument("--layers", type=int, default=None, help="override num_layers (the preset's layout repeats)")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
+    ap.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--dp", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--no-optimizer", action="store_true")
+    ap.add_argument("--gpu-gib", type=float, default=79.2, help="GPU memory (H100 80GB: 79.2; H200: 139.8)")
+    args = ap.parse_args(argv)
+    overrides = {"num_layers": args.layers} if args.layers else {}
+    config = SH2Config.from_name(args.preset, **overrides)
+    print(f"{args.preset} ({config.num_layers} layers, D = {config.hidden_size}), dp = {args.dp}, batch "
+          f"{args.batch}, checkpointing {not args.no_checkpointing}, optimizer {not args.no_optimizer}; "
+          f"GiB per GPU (fits: <= 90% of {args.gpu_gib:g})")
+    print(f"{'seq_len':>9} {'cp':>4} {'states':>8} {'gathered':>9} {'activ.':>8} {'logits':>7} {'total':>8}  fits")
+    for seq_len in args.seq_len:
+        for cp in args.cp:
+            try:
+                e = estimate_training_memory(config, seq_len, cp=cp, dp=args.dp, batch=args.batch,
+                                             activation_checkpointing=not args.no_checkpointing,
+                                             optimizer=not args.no_optimizer)
+            except ValueError as err:
+                print(f"{seq_len:>9} {cp:>4}  {err}")
+                continue
+            fits = "yes" if e.total <= 0.9 * args.gpu_gib else "no"
+            print(f"{seq_len:>9} {cp:>4} {e.states:8.1f} {e.gathered:9.1f} {e.activations:8.1f} {e.logits:7.1f} "
+                  f"{e.total:8.1f}  {fits}")
+
+
+if __name__ == "__main__":
+    main()

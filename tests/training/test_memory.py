@@ -1,0 +1,64 @@
+"""The per-GPU memory estimate (sh2.training.memory) against the peaks measured on GPUs.
+
+The measured values are `torch.cuda.max_memory_allocated` peaks from docs/context_parallel.md (bench/cp_multi.py
+scaling runs: forward + backward with replicated fp32 weights and no optimizer; an FSDP2 `sh2 fit` run) and
+docs/benchmarks.md (bench/e2e.py: one training step with AdamW on one GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sh2.models import SH2Config
+from sh2.training.memory import estimate_training_memory, main, smallest_cp
+
+SDH = SH2Config.from_name("evo2_7b_1m", layout="SDH*", num_layers=4)
+STRIPE8 = SH2Config.from_name("evo2_7b_8k", layout="SDH*SDHS", num_layers=8)
+TRANSFORMER8 = SH2Config.from_name("evo2_7b_8k", layout="********", num_layers=8)
+BENCH = {"optimizer": False, "sharded": False}  # cp_multi scaling: fwd + bwd, replicated fp32 weights
+
+MEASURED = [  # (config, seq_len, cp, options, measured GiB, where)
+    (SDH, 131072, 1, BENCH, 60.7, "H100, CP = 1"),
+    (SDH, 131072, 2, BENCH, 32.6, "2 x H100"),
+    (SDH, 131072, 4, BENCH, 21.4, "4 x H100"),
+    (SDH, 262144, 2, BENCH, 60.7, "2 x H100"),
+    (SDH, 262144, 4, BENCH, 32.6, "4 x H100"),
+    (SDH, 262144, 1, BENCH, 116.8, "H200, CP = 1"),
+    (SDH, 524288, 2, BENCH, 116.8, "2 x H200"),
+    (SDH, 131072, 2, {}, 34.1, "sh2 fit, FSDP2 + AdamW, 2 x H100"),
+    (STRIPE8, 32768, 1, {"sharded": False}, 37.7, "e2e SH2, AdamW, H100"),
+    (TRANSFORMER8, 32768, 1, {"sharded": False}, 32.8, "e2e Transformer, AdamW, H100"),
+    (TRANSFORMER8, 131072, 1, {"sharded": False}, 65.4, "e2e Transformer, AdamW, H100"),
+]
+
+
+@pytest.mark.parametrize("config,seq_len,cp,options,measured,where", MEASURED)
+def test_estimate_is_within_8_percent_of_measured_peaks(config, seq_len, cp, options, measured, where):
+    est = estimate_training_memory(config, seq_len, cp=cp, **options).total
+    assert abs(est / measured - 1) < 0.08, (where, est, measured)
+
+
+def test_estimate_predicts_the_measured_out_of_memory():
+    # e2e: the 8-layer SH2 stack at 128K with AdamW ran out of memory on an 80 GB H100
+    assert estimate_training_memory(STRIPE8, 131072, sharded=False).total > 79.2
+
+
+def test_more_context_parallelism_needs_less_memory_and_the_smallest_fit_is_found():
+    totals = [estimate_training_memory(SDH, 262144, cp=cp).total for cp in (1, 2, 4, 8)]
+    assert totals == sorted(totals, reverse=True)
+    cp = smallest_cp(SH2Config.from_name("evo2_7b_1m"), 1048576, 79.2)
+    assert cp is not None and estimate_training_memory(SH2Config.from_name("evo2_7b_1m"), 1048576, cp=cp).total \
+        <= 0.9 * 79.2 < estimate_training_memory(SH2Config.from_name("evo2_7b_1m"), 1048576, cp=cp // 2).total
+
+
+def test_bad_sizes_name_the_argument():
+    with pytest.raises(ValueError, match="seq_len=1000 is not divisible by 2 \\* cp = 16"):
+        estimate_training_memory(SDH, 1000, cp=8)
+    with pytest.raises(ValueError, match="cp must be a positive integer"):
+        estimate_training_memory(SDH, 1024, cp=0)
+
+
+def test_cli_prints_a_table(capsys):
+    main(["--preset", "evo2_7b_1m", "--seq-len", "131072", "--cp", "4", "8"])
+    out = capsys.readouterr().out
+    assert "evo2_7b_1m (32 layers" in out and out.count(" yes") + out.count(" no") == 2
