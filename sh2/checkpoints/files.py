@@ -202,26 +202,48 @@ def load_distributed_checkpoint(path: str | os.PathLike, trust_pickle: bool = Fa
     return {"state_dict": weights, "hyper_parameters": hyper_parameters}
 
 
-def deepspeed_checkpoint_tag(path: str | os.PathLike) -> Path | None:
+def follow_latest(path: str | os.PathLike) -> Path:
+    """A DeepSpeed checkpoint folder's tag folder, named by its ``latest`` file; ``path`` itself without one.
+
+    Raises:
+        CheckpointError: ``latest`` is unreadable or names no folder in ``path``.
+    """
+    path = Path(path)
+    latest = path / "latest"
+    if not (path.is_dir() and latest.is_file()):
+        return path
+    try:
+        name = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{latest} is unreadable ({err}); pass the checkpoint's tag folder itself") from None
+    if not name or not (path / name).is_dir():
+        raise CheckpointError(f"{path}: its 'latest' file names {name!r}, which is not a folder in it (an "
+                              f"incomplete copy?); pass the tag folder itself or fix 'latest'")
+    return path / name
+
+
+def deepspeed_checkpoint_tag(path: str | os.PathLike, trust_pickle: bool = False) -> Path | None:
     """The tag folder of a DeepSpeed checkpoint written by a Lightning run, else None.
 
     Lightning's DeepSpeed strategies write ``last.ckpt/`` as a folder with a ``latest`` file naming the tag
     folder (``checkpoint/``) that holds ``*model_states.pt`` (with Lightning's hyper-parameters) and
     ``*optim_states.pt`` (the fp32 weights, partitioned). Savanna's ``global_stepN`` folders are DeepSpeed
-    checkpoints too but carry no hyper-parameters; they are read by the Savanna reader instead.
+    checkpoints too but carry no hyper-parameters; they are read by the Savanna reader instead. A model-states
+    file that cannot be read without ``trust_pickle`` counts as a Lightning one (reading it needs that anyway).
+
+    Raises:
+        CheckpointError: a ``latest`` file that names no folder.
     """
-    path = Path(path)
-    if not path.is_dir():
+    tag = follow_latest(path)
+    if not tag.is_dir():
         return None
-    latest = path / "latest"
-    tag = path / latest.read_text().strip() if latest.is_file() else path
     states = sorted(tag.glob("*model_states.pt"))
     if not states or not sorted(tag.glob("*optim_states.pt")):
         return None
     try:
-        client = load_file(states[0])
+        client = load_file(states[0], trust_pickle=trust_pickle)
     except CheckpointError:
-        return None
+        return tag
     return tag if isinstance(client, dict) and "hyper_parameters" in client else None
 
 
@@ -236,7 +258,7 @@ def load_deepspeed_checkpoint(path: str | os.PathLike, trust_pickle: bool = Fals
         CheckpointError: not such a folder, ``trust_pickle`` not set (DeepSpeed's optimizer files hold pickled
             objects), or the ``deepspeed`` package missing.
     """
-    tag = deepspeed_checkpoint_tag(path)
+    tag = deepspeed_checkpoint_tag(path, trust_pickle)
     if tag is None:
         raise CheckpointError(f"{path} is not a DeepSpeed checkpoint folder written by sh2/Lightning")
     if not trust_pickle:
@@ -249,7 +271,7 @@ def load_deepspeed_checkpoint(path: str | os.PathLike, trust_pickle: bool = Fals
     except ImportError:
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the deepspeed package: "
                               f"pip install 'sh2[deepspeed]'") from None
-    client = load_file(sorted(tag.glob("*model_states.pt"))[0])
+    client = load_file(sorted(tag.glob("*model_states.pt"))[0], trust_pickle=True)
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     except Exception as err:  # DeepSpeed raises assorted errors on incomplete folders

@@ -31,6 +31,7 @@ from sh2.checkpoints.files import (
     CheckpointError,
     assemble_shards,
     deepspeed_checkpoint_tag,
+    follow_latest,
     is_distributed_checkpoint,
     load_deepspeed_checkpoint,
     load_distributed_checkpoint,
@@ -101,6 +102,7 @@ def _config_of(obj: Mapping[str, Any]) -> SH2Config | None:
 
 def _resolve(path: Path) -> tuple[Path, bool]:
     """The file to read and whether it is a Savanna directory."""
+    path = follow_latest(path)  # a DeepSpeed/Savanna run folder: its latest global_stepN folder
     if path.is_dir():
         if list(path.glob("mp_rank_*_model_states.pt")):
             return find_savanna_file(path), True
@@ -133,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
     if is_distributed_checkpoint(path):  # sharded Lightning checkpoint (FSDP2 / context-parallel runs)
         file, is_savanna_dir = Path(path), False
         obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
-    elif deepspeed_checkpoint_tag(path) is not None:  # Lightning DeepSpeed run (sh2_cp_deepspeed, ZeRO 1-3)
+    elif deepspeed_checkpoint_tag(path, trust_pickle) is not None:  # Lightning DeepSpeed run (ZeRO 1-3)
         file, is_savanna_dir = Path(path), False
         obj = load_deepspeed_checkpoint(file, trust_pickle=trust_pickle)
     else:
@@ -188,12 +190,13 @@ def load_pretrained(path: str, config: SH2Config | None = None, *,
         CheckpointError: unreadable/truncated file, missing shard, unknown format, or a state that does not
             match the config (the message names the first mismatching key and both shapes).
     """
-    used, state, _ = read_checkpoint(path, config, vortex_config, trust_pickle)
-    return used, (state if lazy else state.materialize())  # type: ignore[return-value]
+    with _outside_zero_init():
+        used, state, _ = read_checkpoint(path, config, vortex_config, trust_pickle)
+        return used, (state if lazy else state.materialize())  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor], *,
+def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor] | None, *,
               vortex_config: str | os.PathLike | Mapping[str, Any] | None = None,
               trust_pickle: bool = False,
               gather: Callable[[nn.Module], AbstractContextManager] | None = None) -> SH2Config | None:
@@ -205,7 +208,9 @@ def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Ten
 
     Args:
         model: an :class:`~sh2.models.SH2Model` (uses ``model.config`` when present).
-        path: a checkpoint path (any supported format) or an sh2 state dict.
+        path: a checkpoint path (any supported format), an sh2 state dict (or the lazy state of
+            :func:`load_pretrained` with ``lazy=True``), or None with ``gather`` on ranks that only take part
+            in the gathers while another rank (whose values ``gather`` keeps) copies.
         vortex_config: evo2 YAML for Vortex files.
         trust_pickle: allow pickled objects (trusted files only).
         gather: for a model with partitioned parameters (DeepSpeed ZeRO-3): ``gather(unit)`` is a context in
@@ -223,7 +228,16 @@ def load_into(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Ten
             raise CheckpointError("load_into with gather= needs an SH2Model (model.config)")
         else:
             shapes = expected_shapes(config)
-        if isinstance(path, Mapping):
+        if path is None:
+            if gather is None:
+                raise CheckpointError("load_into: path=None only with gather= (a rank that copies nothing)")
+            for unit in model.init_units():
+                with gather(unit):
+                    pass
+            return config
+        if isinstance(path, LazyStateDict):
+            state, where = path, "state dict"
+        elif isinstance(path, Mapping):
             state, where = as_lazy(_strip(path, False)), "state dict"
         else:
             config, state, fmt = read_checkpoint(path, config, vortex_config, trust_pickle)

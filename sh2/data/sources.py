@@ -158,7 +158,8 @@ def load_source(
         The :class:`DocumentSource`.
 
     Raises:
-        FileNotFoundError: A local path or glob matches no file.
+        FileNotFoundError: A local path or glob matches no file, or the hub has no such dataset.
+        ConnectionError: A hub dataset while the hub cannot be reached (offline).
         ValueError: Unknown format or extension, mixed formats, FASTA without sequences.
     """
     if format is not None and format not in FORMATS:

@@ -70,7 +70,8 @@ class SH2Model(nn.Module):
         Sharded strategies that must gather parameters to initialise them (DeepSpeed ZeRO-3) do it one unit
         at a time, so that no GPU ever holds more than one block in full.
         """
-        return [self.embedding, *self.blocks, self.norm, *([self.lm_head] if self.lm_head is not None else [])]
+        # embedding and LM head first, as init_weights() has always drawn them: same weights for a seed either way
+        return [self.embedding, *([self.lm_head] if self.lm_head is not None else []), *self.blocks, self.norm]
 
     @torch.no_grad()
     def init_weights(self, units: list[nn.Module] | None = None) -> None:
@@ -79,10 +80,7 @@ class SH2Model(nn.Module):
         Args:
             units: only these submodules (elements of :meth:`init_units`); default: the whole model.
         """
-        units = self.init_units() if units is None else units
-        # embedding and LM head first: the order (and so the weights for a given seed) of a plain build
-        heads = [u for u in units if u is self.embedding or u is self.lm_head]
-        for unit in heads + [u for u in units if not any(u is h for h in heads)]:
+        for unit in self.init_units() if units is None else units:
             if unit is self.embedding:
                 nn.init.normal_(self.embedding.weight, std=self.config.init_std)
             elif unit is self.lm_head:

@@ -112,7 +112,8 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
         self._cp_size = cp
         mesh = init_device_mesh(self.root_device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
         self._set_cp_group(cp_group_of(mesh), mesh["dp"].get_local_rank(), world // cp)
-        rank_zero_info(f"sh2 context parallelism on DeepSpeed ZeRO-{self._zero_stage}: world {world} = dp "
+        stage = (self.config.get("zero_optimization") or {}).get("stage", self._zero_stage)
+        rank_zero_info(f"sh2 context parallelism on DeepSpeed ZeRO-{stage}: world {world} = dp "
                        f"{world // cp} x cp {cp}; {self._cp_config}")
 
     def parallelize_model(self, model: nn.Module) -> nn.Module:

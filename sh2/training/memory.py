@@ -4,22 +4,26 @@ How many GPUs does a 7B model need at 1M tokens? The estimate adds four parts (b
 
 - **states**: fp32 weights and gradients (8 B/parameter), plus AdamW's two moments (8 B/parameter) when
   training, sharded over the ``dp x cp`` ranks (FSDP2 shards over data and context parallel ranks);
-- **gathered**: the unsharded bf16 weights and fp32 gradients of the largest block while it computes, and
-  the next block's prefetched weights (``P_block * (2 + 2 + 4)``; none without sharding);
+- **gathered**: the unsharded weights of the largest block while it computes, the next block's prefetched
+  weights and the block's fp32 gradients before the reduce-scatter (``P_block * (2 s + 4)``, ``s`` = 2 bytes
+  with FSDP2 ``mixed_precision: bf16``, else 4; none without sharding);
 - **activations**: ``T = batch * seq_len / cp`` tokens per GPU. With activation checkpointing: each block's
-  fp32 input (``4 D`` bytes per token and layer) plus the working set of recomputing and back-propagating
-  one block, ``w D`` bytes per token, where ``w`` is the largest coefficient of the block types in the
-  layout; without checkpointing every block keeps its working set. Plus the fp32 logits, their gradient and
-  a bf16 copy (``12 V`` bytes per token).
+  input (``s D`` bytes per token and layer: bf16 under FSDP2 bf16 mixed precision, fp32 otherwise) plus the
+  working set of recomputing and back-propagating one block, ``w D`` bytes per token, where ``w`` is the
+  largest coefficient of the block types in the layout; without checkpointing every block keeps its working
+  set. Plus the logits: bf16 and fp32 copies and their gradients (``12 V`` bytes per token).
 
 The coefficients were fitted to peak memory measured on H100/H200 at the 7B width (D = 4096, MLP 11264,
 bf16 autocast; ``docs/context_parallel.md``, ``docs/benchmarks.md``): ``w`` = 91.6 for a block with Hyena-LI
 (its fp32 FFT convolution), 49.7 for attention. Hyena-SE and -MR blocks were not measured alone; they are
-taken as attention's (same MLP, a lighter mixer). The CP operators' exchange buffers are within the fit's
-error and have no term. The fit reproduces eleven measured peaks (1-4 GPUs, 32K-512K tokens, 4 and 8
-layers) within 8% (``tests/training/test_memory.py``). It estimates PyTorch's peak allocated memory: the
-allocator's reserve and the CUDA context add a few GiB, and other widths or MLP ratios and the FFT slice size
-(``SH2_FFT_SLICE_MB``) move it.
+taken as attention's (same MLP, a lighter mixer). With the default CP schemes (LI ``a2a``) the exchange
+buffers are within the fit's error and have no term; LI ``p2p_fft`` needs about twice the memory (measured)
+and is not modelled. The coefficients are fitted to eleven measured peaks (eight distinct configurations: 1-4
+GPUs, 32K-512K tokens, 4 and 8 layers), which the estimate reproduces within 8%
+(``tests/training/test_memory.py``); the 32- and 50-layer presets were not measured. It estimates PyTorch's
+peak allocated memory: the allocator's reserve and the CUDA context add a few GiB, and other widths or MLP
+ratios and the FFT slice size (``SH2_FFT_SLICE_MB``) move it. ``dp`` is the FSDP2 shard size
+(``data_parallel_replicate_size`` replicas hold full copies of the shards).
 
     python -m sh2.training.memory --preset evo2_7b_1m --seq-len 1048576 --cp 8 16 32
 """
@@ -36,8 +40,7 @@ from sh2.models.config import SH2Config
 GIB = 2**30
 # Working set (bytes per token per model channel) of recomputing + back-propagating one block, by block type.
 BLOCK_WORKING_SET = {"LI": 91.6, "MHA": 49.7, "SE": 49.7, "MR": 49.7}
-CHECKPOINT_BYTES = 4   # per token and channel: a block's fp32 input kept by activation checkpointing
-LOGIT_BYTES = 12       # per token and vocabulary entry: fp32 logits, their gradient and a bf16 copy
+LOGIT_BYTES = 12  # per token and vocabulary entry: bf16 logits (2), fp32 copy (4), fp32 (4) and bf16 (2) gradients
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def _parameter_counts(config: SH2Config) -> tuple[int, int]:
 
 def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp: int = 1, batch: int = 1,
                              activation_checkpointing: bool = True, optimizer: bool = True,
-                             sharded: bool = True) -> MemoryEstimate:
+                             sharded: bool = True, mixed_precision: str | None = "bf16") -> MemoryEstimate:
     """Estimate the peak memory per GPU of one training step (see the module docstring for the model).
 
     Args:
@@ -79,6 +82,8 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
         activation_checkpointing: recompute each block in the backward pass (sh2's long-context configs do).
         optimizer: include AdamW's moments (False: forward + backward only).
         sharded: FSDP2 sharding of weights, gradients and optimizer state (False: replicated).
+        mixed_precision: FSDP2's ``mixed_precision`` (``"bf16"``: bf16 gathered weights and block inputs, as
+            in sh2's GPU configs; None: fp32 weights under bf16 autocast).
 
     Returns:
         The estimate by part, in GiB.
@@ -92,15 +97,18 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
     if cp > 1 and seq_len % (2 * cp):
         raise ValueError(f"seq_len={seq_len} is not divisible by 2 * cp = {2 * cp} (context parallelism splits "
                          f"each sequence into 2 * cp chunks)")
+    if mixed_precision not in ("bf16", None):
+        raise ValueError(f"mixed_precision must be 'bf16' or None, got {mixed_precision!r}")
+    s = 2 if mixed_precision == "bf16" else 4
     params, block_params = _parameter_counts(config)
     shards = dp * cp if sharded else 1
     states = params * (16 if optimizer else 8) / shards
-    gathered = block_params * (2 + 2 + 4) if sharded and shards > 1 else 0.0
+    gathered = block_params * (2 * s + 4) if sharded and shards > 1 else 0.0
     tokens = batch * seq_len / cp
     d = config.hidden_size
     working = max(BLOCK_WORKING_SET[op] for op in config.operators)
     if activation_checkpointing:
-        activations = tokens * d * (CHECKPOINT_BYTES * config.num_layers + working)
+        activations = tokens * d * (s * config.num_layers + working)
     else:
         activations = tokens * d * sum(BLOCK_WORKING_SET[op] for op in config.operators)
     logits = tokens * config.vocab_size * LOGIT_BYTES
@@ -108,14 +116,24 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
 
 
 def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1, headroom: float = 0.9,
-                max_cp: int = 256, **kwargs: bool | int) -> int | None:
-    """The smallest power-of-two CP size whose estimate fits ``headroom * gpu_gib``, or None up to ``max_cp``."""
+                max_cp: int = 256, **kwargs: bool | int | str | None) -> int | None:
+    """The smallest power-of-two CP size that the model allows (heads, groups, halo lengths with the default
+    schemes) and whose estimate fits ``headroom * gpu_gib``; None if none up to ``max_cp`` or until ``2 cp``
+    stops dividing ``seq_len``."""
+    from sh2.strategies.cp_ops import CPConfig, validate_cp_settings
+
     cp = 1
-    while cp <= max_cp:
-        if seq_len % (2 * cp) == 0 or cp == 1:
-            est = estimate_training_memory(config, seq_len, cp=cp, dp=dp, **kwargs)
-            if est.total <= headroom * gpu_gib:
-                return cp
+    while cp <= max_cp and (cp == 1 or seq_len % (2 * cp) == 0):
+        try:
+            if cp > 1:
+                validate_cp_settings(config, cp, CPConfig())
+                if "MR" in config.operators and seq_len // (2 * cp) < config.mr_filter_len - 1:
+                    return None  # the MR p2p halo must fit in one chunk; larger cp only shortens chunks
+        except ValueError:
+            cp *= 2
+            continue
+        if estimate_training_memory(config, seq_len, cp=cp, dp=dp, **kwargs).total <= headroom * gpu_gib:
+            return cp
         cp *= 2
     return None
 
@@ -124,19 +142,25 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m sh2.training.memory``: a table of the estimate for one preset and several CP sizes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="evo2_7b_1m")
-    ap.add_argument("--layers", type=int, default=None, help="override num_layers (the preset's layout repeats)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override num_layers: the preset's layer pattern is repeated or cut to this many")
     ap.add_argument("--seq-len", type=int, nargs="+", default=[131072, 262144, 524288, 1048576])
     ap.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--no-optimizer", action="store_true")
+    ap.add_argument("--fp32-weights", action="store_true", help="no FSDP2 bf16 mixed precision")
     ap.add_argument("--gpu-gib", type=float, default=79.2, help="GPU memory (H100 80GB: 79.2; H200: 139.8)")
     args = ap.parse_args(argv)
-    overrides = {"num_layers": args.layers} if args.layers else {}
-    config = SH2Config.from_name(args.preset, **overrides)
+    config = SH2Config.from_name(args.preset)
+    if args.layers:
+        ops = config.operators
+        config = SH2Config.from_name(args.preset, num_layers=args.layers,
+                                     layout=[ops[i % len(ops)] for i in range(args.layers)])
     print(f"{args.preset} ({config.num_layers} layers, D = {config.hidden_size}), dp = {args.dp}, batch "
-          f"{args.batch}, checkpointing {not args.no_checkpointing}, optimizer {not args.no_optimizer}; "
+          f"{args.batch}, checkpointing {not args.no_checkpointing}, optimizer {not args.no_optimizer}, weights "
+          f"{'fp32' if args.fp32_weights else 'bf16 (FSDP2 mixed precision)'}; "
           f"GiB per GPU (fits: <= 90% of {args.gpu_gib:g})")
     print(f"{'seq_len':>9} {'cp':>4} {'states':>8} {'gathered':>9} {'activ.':>8} {'logits':>7} {'total':>8}  fits")
     for seq_len in args.seq_len:
@@ -144,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 e = estimate_training_memory(config, seq_len, cp=cp, dp=args.dp, batch=args.batch,
                                              activation_checkpointing=not args.no_checkpointing,
-                                             optimizer=not args.no_optimizer)
+                                             optimizer=not args.no_optimizer,
+                                             mixed_precision=None if args.fp32_weights else "bf16")
             except ValueError as err:
                 print(f"{seq_len:>9} {cp:>4}  {err}")
                 continue

@@ -93,18 +93,46 @@ class SH2LightningModule(L.LightningModule):
                 with gather(unit):
                     self.model.init_weights([unit])
         if self.hparams.init_from:
-            from sh2.checkpoints import CheckpointError, load_into
-
-            try:
-                load_into(self.model, self.hparams.init_from, trust_pickle=self.hparams.init_from_trust_pickle,
-                          gather=gather)
-            except CheckpointError as err:
-                fix = ("set model.init_from_trust_pickle: true if you trust the file" if "trust_pickle" in str(err)
-                       else "point model.init_from at an existing checkpoint whose architecture matches "
-                       "model.preset / model.overrides (or change those to the checkpoint's architecture)")
-                raise CheckpointError(f"model.init_from={self.hparams.init_from!r}: {err}\nFix: {fix}") from None
+            self._load_init_from(strategy, gather)
         if strategy is not None and hasattr(strategy, "parallelize_model"):
             strategy.parallelize_model(self.model)
+
+    def _load_init_from(self, strategy: Any, gather: Any) -> None:
+        """Copy ``init_from`` into the model; errors name the setting and the fix.
+
+        With ZeRO-3 (``gather``) only global rank 0 reads and converts the checkpoint; every rank enters each
+        unit's gather and rank 0's values are kept, so the other ranks neither read nor hold the weights.
+        """
+        from sh2.checkpoints import CheckpointError, load_into, load_pretrained
+
+        path, trust = self.hparams.init_from, self.hparams.init_from_trust_pickle
+        try:
+            if gather is None:
+                load_into(self.model, path, trust_pickle=trust)
+            else:
+                state, err = None, None
+                if strategy.is_global_zero:
+                    try:
+                        _, state = load_pretrained(path, self.config, trust_pickle=trust, lazy=True)
+                    except CheckpointError as error:
+                        err = str(error)
+                err = strategy.broadcast(err)  # every rank stops, or none does
+                if err is not None:
+                    raise CheckpointError(err)
+                load_into(self.model, state, gather=gather)
+        except CheckpointError as err:
+            msg = str(err)
+            if "trust_pickle" in msg:
+                fix = "set model.init_from_trust_pickle: true if you trust the file"
+            elif "pip install" in msg:
+                fix = "install the package named above"
+            elif any(k in msg for k in ("missing key", "shape mismatch", "unexpected key")):
+                fix = ("point model.init_from at a checkpoint whose architecture matches model.preset / "
+                       "model.overrides (or change those to the checkpoint's architecture)")
+            else:
+                fix = ("point model.init_from at an existing, complete checkpoint (an sh2 .ckpt file or folder, a "
+                       "Vortex .pt or a Savanna folder)")
+            raise CheckpointError(f"model.init_from={path!r}: {msg}\nFix: {fix}") from None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids)

@@ -46,6 +46,13 @@ def test_deepspeed_folder_needs_trust_pickle_and_the_cli_names_the_setting(tmp_p
         module.configure_model()
 
 
+def test_latest_naming_a_missing_folder_says_so(tmp_path: Path) -> None:
+    folder = _fake_folder(tmp_path)
+    (folder / "latest").write_text("global_step99")
+    with pytest.raises(CheckpointError, match="'latest' file names 'global_step99', which is not a folder"):
+        load_pretrained(str(folder), trust_pickle=True)
+
+
 @pytest.mark.skipif(HAS_DEEPSPEED, reason="the message for a missing deepspeed package")
 def test_deepspeed_folder_without_deepspeed_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"pip install 'sh2\[deepspeed\]'"):

@@ -123,6 +123,10 @@ def test_savanna_checkpoint_matches_float64_reference(tmp_path):
     assert rel_err(logits, vortex_forward64(cfg, vsd, ids)) < TOL
     inferred, _ = load_pretrained(str(step))  # no config: shapes + defaults, same layout
     assert inferred.layout == "SDH*SDH*" and inferred.mr_groups == 4
+    # the run folder above it, whose DeepSpeed 'latest' file names the step folder, reads the same
+    (tmp_path / "latest").write_text("global_step10\n")
+    _, again = load_pretrained(str(tmp_path), config=target)
+    assert torch.equal(again["blocks.1.mixer.filter.h"], state["blocks.1.mixer.filter.h"])
 
 
 def load_pretrained_config(cfg):

@@ -144,6 +144,28 @@ def test_meta_build_then_materialise_and_init():
     assert model(torch.randint(0, 512, (1, 8))).shape == (1, 8, 512)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_unit_by_unit_equals_whole_model_init(tied):
+    # DeepSpeed ZeRO-3 initialises one gathered unit at a time: the same weights for the same seed as
+    # init_weights() on the whole model (the meta-device path of FSDP2)
+    cfg = SH2Config(num_layers=4, layout="SDH*", tie_embeddings=tied, **SMALL)
+    models = []
+    for by_unit in (False, True):
+        torch.manual_seed(0)
+        m = SH2Model(cfg)
+        torch.manual_seed(3)
+        if by_unit:
+            for unit in m.init_units():
+                m.init_weights([unit])
+        else:
+            m.init_weights()
+        models.append(m)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    units = models[0].init_units()
+    assert sum(p.numel() for u in units for p in u.parameters()) == models[0].num_parameters()
+
+
 def test_parameter_groups_exclude_norms_biases_filters_featurizer_skip_embeddings():
     model = small_model("SDH*")
     decay, no_decay = parameter_groups(model, 0.1)

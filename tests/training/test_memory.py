@@ -15,7 +15,8 @@ from sh2.training.memory import estimate_training_memory, main, smallest_cp
 SDH = SH2Config.from_name("evo2_7b_1m", layout="SDH*", num_layers=4)
 STRIPE8 = SH2Config.from_name("evo2_7b_8k", layout="SDH*SDHS", num_layers=8)
 TRANSFORMER8 = SH2Config.from_name("evo2_7b_8k", layout="********", num_layers=8)
-BENCH = {"optimizer": False, "sharded": False}  # cp_multi scaling: fwd + bwd, replicated fp32 weights
+BENCH = {"optimizer": False, "sharded": False, "mixed_precision": None}  # cp_multi scaling: replicated fp32 weights
+E2E = {"sharded": False, "mixed_precision": None}  # bench/e2e.py: one GPU, fp32 weights, AdamW
 
 MEASURED = [  # (config, seq_len, cp, options, measured GiB, where)
     (SDH, 131072, 1, BENCH, 60.7, "H100, CP = 1"),
@@ -25,10 +26,10 @@ MEASURED = [  # (config, seq_len, cp, options, measured GiB, where)
     (SDH, 262144, 4, BENCH, 32.6, "4 x H100"),
     (SDH, 262144, 1, BENCH, 116.8, "H200, CP = 1"),
     (SDH, 524288, 2, BENCH, 116.8, "2 x H200"),
-    (SDH, 131072, 2, {}, 34.1, "sh2 fit, FSDP2 + AdamW, 2 x H100"),
-    (STRIPE8, 32768, 1, {"sharded": False}, 37.7, "e2e SH2, AdamW, H100"),
-    (TRANSFORMER8, 32768, 1, {"sharded": False}, 32.8, "e2e Transformer, AdamW, H100"),
-    (TRANSFORMER8, 131072, 1, {"sharded": False}, 65.4, "e2e Transformer, AdamW, H100"),
+    (SDH, 131072, 2, {}, 34.1, "sh2 fit, FSDP2 bf16 + AdamW, 2 x H100"),
+    (STRIPE8, 32768, 1, E2E, 37.7, "e2e SH2, AdamW, H100"),
+    (TRANSFORMER8, 32768, 1, E2E, 32.8, "e2e Transformer, AdamW, H100"),
+    (TRANSFORMER8, 131072, 1, E2E, 65.4, "e2e Transformer, AdamW, H100"),
 ]
 
 
@@ -40,7 +41,7 @@ def test_estimate_is_within_8_percent_of_measured_peaks(config, seq_len, cp, opt
 
 def test_estimate_predicts_the_measured_out_of_memory():
     # e2e: the 8-layer SH2 stack at 128K with AdamW ran out of memory on an 80 GB H100
-    assert estimate_training_memory(STRIPE8, 131072, sharded=False).total > 79.2
+    assert estimate_training_memory(STRIPE8, 131072, **E2E).total > 79.2
 
 
 def test_more_context_parallelism_needs_less_memory_and_the_smallest_fit_is_found():
@@ -58,7 +59,18 @@ def test_bad_sizes_name_the_argument():
         estimate_training_memory(SDH, 1024, cp=0)
 
 
-def test_cli_prints_a_table(capsys):
+def test_smallest_cp_respects_the_model_and_the_sequence():
+    cfg = SH2Config.from_name("evo2_7b_1m")  # 32 heads: Ulysses attention allows cp <= 32
+    assert smallest_cp(cfg, 24576, 8.0) == 32
+    assert smallest_cp(cfg, 6144, 8.0) is None  # cp = 32 would fit, but MR's 127-token halo needs L / (2 cp) >= 127
+    assert smallest_cp(cfg, 24576, 4.0) is None  # would need cp = 64 > heads
+    assert smallest_cp(cfg, 4 * 131071, 79.2) is None  # needs cp = 8, but 2 cp must divide the length
+    assert smallest_cp(cfg, 131072, 1e6) == 1
+
+
+def test_cli_prints_a_table_and_repeats_the_layout_for_layers(capsys):
     main(["--preset", "evo2_7b_1m", "--seq-len", "131072", "--cp", "4", "8"])
     out = capsys.readouterr().out
     assert "evo2_7b_1m (32 layers" in out and out.count(" yes") + out.count(" no") == 2
+    main(["--preset", "evo2_7b_1m", "--layers", "8", "--seq-len", "131072", "--cp", "2"])
+    assert "evo2_7b_1m (8 layers" in capsys.readouterr().out
