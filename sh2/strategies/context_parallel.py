@@ -180,9 +180,15 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         self._cp_config = _cp_config_from(li_scheme, fir_scheme, featurizer_scheme, attention_scheme,
                                           a2a_pipeline_chunks, ring_attention_backend)
         self._mp_policy = mixed_precision_policy(mixed_precision)
+        self._mixed_precision = mixed_precision
         self._reshard_after_forward = reshard_after_forward
         self._meta_init = meta_init
         self._force_cp_ops = force_cp_ops
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """FSDP2's parameter dtype for compute (``"bf16"``) or None (the parameters' own dtype)."""
+        return self._mixed_precision
 
     @property
     def supports_meta_init(self) -> bool:

@@ -138,6 +138,33 @@ def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1,
     return None
 
 
+def memory_report(config: SH2Config, seq_len: int, gpu_gib: float, *, cp: int = 1, dp: int = 1, batch: int = 1,
+                  activation_checkpointing: bool = True, sharded: bool = True,
+                  mixed_precision: str | None = "bf16") -> tuple[str, bool]:
+    """A one-line estimate for the start of a run, and whether it predicts running out of memory.
+
+    When it does, the line names the setting to change: a CP size that fits (``smallest_cp``), else shorter
+    sequences or smaller batches, and activation checkpointing when it is off.
+    """
+    kwargs = dict(batch=batch, activation_checkpointing=activation_checkpointing, sharded=sharded,
+                  mixed_precision=mixed_precision)
+    est = estimate_training_memory(config, seq_len, cp=cp, dp=dp, **kwargs)
+    msg = (f"[sh2] memory estimate (sh2.training.memory): {est.total:.1f} GiB per GPU of {gpu_gib:.0f} GiB "
+           f"(states {est.states:.1f}, activations {est.activations + est.logits:.1f}, gathered block "
+           f"{est.gathered:.1f})")
+    over = est.total > 0.9 * gpu_gib
+    if over:
+        hints = []
+        if not activation_checkpointing:
+            hints.append("model.activation_checkpointing: true")
+        fit = smallest_cp(config, seq_len, gpu_gib, dp=dp, **kwargs)
+        if fit is not None and fit > cp:
+            hints.append(f"context_parallel_size >= {fit} (trainer.strategy.init_args)")
+        hints.append("a smaller data.seq_len or data.batch_size")
+        msg += "; likely out of memory. Consider " + ", or ".join(hints)
+    return msg, over
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m sh2.training.memory``: a table of the estimate for one preset and several CP sizes."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

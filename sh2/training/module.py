@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from sh2.models import SH2Config, SH2Model, parameter_groups
@@ -220,6 +221,36 @@ class SH2LightningModule(L.LightningModule):
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_fit_start(self) -> None:
+        """On GPUs, print the memory estimate for this run and warn when it predicts running out of memory."""
+        if self.device.type != "cuda" or not self.trainer.is_global_zero:
+            return
+        gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        msg, over = self.memory_report(self.trainer.strategy, gpu_gib)
+        if over:
+            rank_zero_warn(msg)
+        else:
+            print(msg, flush=True)
+
+    def memory_report(self, strategy: Any, gpu_gib: float) -> tuple[str, bool]:
+        """The estimate of :func:`sh2.training.memory.memory_report` for this module under ``strategy``."""
+        from sh2.training.memory import memory_report
+
+        trainer = self._trainer
+        deepspeed = "deepspeed" in type(strategy).__name__.lower()
+        if deepspeed:
+            bf16 = "bf16" in str(getattr(trainer, "precision", ""))
+            mixed = "bf16" if bf16 else None
+        else:
+            mixed = getattr(strategy, "mixed_precision", None)
+        batch = getattr(getattr(trainer, "datamodule", None), "batch_size", 1)
+        return memory_report(self.config, self.hparams.seq_len, gpu_gib,
+                             cp=getattr(strategy, "context_parallel_size", 1),
+                             dp=getattr(strategy, "data_parallel_size", getattr(trainer, "world_size", 1)),
+                             batch=batch if isinstance(batch, int) and batch > 0 else 1,
+                             activation_checkpointing=self.hparams.activation_checkpointing,
+                             sharded=hasattr(strategy, "parallelize_model"), mixed_precision=mixed)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step

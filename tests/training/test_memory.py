@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from sh2.models import SH2Config
-from sh2.training.memory import estimate_training_memory, main, smallest_cp
+from sh2.training.memory import estimate_training_memory, main, memory_report, smallest_cp
 
 SDH = SH2Config.from_name("evo2_7b_1m", layout="SDH*", num_layers=4)
 STRIPE8 = SH2Config.from_name("evo2_7b_8k", layout="SDH*SDHS", num_layers=8)
@@ -74,3 +74,27 @@ def test_cli_prints_a_table_and_repeats_the_layout_for_layers(capsys):
     assert "evo2_7b_1m (32 layers" in out and out.count(" yes") + out.count(" no") == 2
     main(["--preset", "evo2_7b_1m", "--layers", "8", "--seq-len", "131072", "--cp", "2"])
     assert "evo2_7b_1m (8 layers" in capsys.readouterr().out
+
+
+def test_report_names_the_setting_that_would_fit():
+    cfg = SH2Config.from_name("evo2_7b_1m")
+    msg, over = memory_report(cfg, 1048576, 79.2, cp=8)
+    assert over and "likely out of memory" in msg and "context_parallel_size >= 16" in msg
+    msg, over = memory_report(cfg, 1048576, 79.2, cp=16)
+    assert not over and msg.startswith("[sh2] memory estimate") and "of 79 GiB" in msg
+    msg, over = memory_report(cfg, 131072, 79.2, cp=4, activation_checkpointing=False)
+    assert over and "model.activation_checkpointing: true" in msg
+
+
+def test_module_reports_for_its_strategy():
+    # what `sh2 fit` prints at the start on GPUs: the module's config, seq_len and checkpointing, the strategy's
+    # CP size, data-parallel size and FSDP2 mixed precision
+    from sh2.strategies import ContextParallelStrategy
+    from sh2.training.module import SH2LightningModule
+
+    module = SH2LightningModule(preset="evo2_7b_1m", seq_len=1048576, activation_checkpointing=True)
+    strategy = ContextParallelStrategy(context_parallel_size=16, mixed_precision="bf16")
+    strategy._set_cp_group(None, 0, 1)
+    msg, over = module.memory_report(strategy, 79.2)
+    expected = estimate_training_memory(module.config, 1048576, cp=16, dp=1).total
+    assert f"{expected:.1f} GiB per GPU" in msg and not over
