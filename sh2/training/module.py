@@ -227,7 +227,11 @@ class SH2LightningModule(L.LightningModule):
         if self.device.type != "cuda" or not self.trainer.is_global_zero:
             return
         gpu_gib = torch.cuda.get_device_properties(self.device).total_memory / 2**30
-        msg, over = self.memory_report(self.trainer.strategy, gpu_gib)
+        try:
+            msg, over = self.memory_report(self.trainer.strategy, gpu_gib)
+        except Exception as err:  # a diagnostic: never the reason a run stops
+            print(f"[sh2] memory estimate unavailable ({type(err).__name__}: {err})", flush=True)
+            return
         if over:
             rank_zero_warn(msg)
         else:
