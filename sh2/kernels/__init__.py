@@ -109,6 +109,82 @@ def gated_fft_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
     return reference.gated_fft_conv_ref(q, k, v, h, bias)
 
 
+def check_modal_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                       residues: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+                       check_values: bool) -> None:
+    """Validate the arguments of :func:`gated_modal_conv`; raise ValueError naming the offending argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have the same shape and dtype, got {tuple(q.shape)} {q.dtype}, "
+                         f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    D = q.shape[-1]
+    if bias is not None and tuple(bias.shape) != (D,):
+        raise ValueError(f"bias must have shape [D]=[{D}], got {tuple(bias.shape)}")
+    for name, t in (("k", k), ("v", v), ("log_poles", log_poles), ("residues", residues), ("bias", bias)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if log_poles.dim() != 2 or log_poles.shape[0] != D or residues.shape != log_poles.shape:
+        raise ValueError(f"log_poles and residues must both have shape [D, N] with D={D}, got "
+                         f"{tuple(log_poles.shape)} and {tuple(residues.shape)}")
+    if not log_poles.is_floating_point() or not residues.is_floating_point():
+        raise ValueError(f"log_poles and residues must be floating point, got {log_poles.dtype} and {residues.dtype}")
+    if initial_state is not None:
+        want = (q.shape[0], D, log_poles.shape[1])
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must have shape [B, D, N] = {list(want)}, got "
+                             f"{list(initial_state.shape)}")
+        if not initial_state.is_floating_point() or initial_state.device != q.device:
+            raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got "
+                             f"{initial_state.dtype} on {initial_state.device}")
+    if check_values and log_poles.numel():
+        if not bool(torch.isfinite(log_poles).all()) or bool((log_poles > 0).any()):
+            raise ValueError("log_poles must be finite and <= 0 (per-token decays exp(log_poles) in (0, 1]); got "
+                             f"values in [{log_poles.min().item():g}, {log_poles.max().item():g}]")
+
+
+def gated_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                     residues: torch.Tensor, bias: torch.Tensor | None = None,
+                     initial_state: torch.Tensor | None = None, return_state: bool = False, backend: str = "auto",
+                     check_values: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hyena-LI as its exact modal recurrence: ``y = q * (sum_n R_n s_n + bias * z)``, ``s_n <- lambda_n s_n + z``.
+
+    Equal to :func:`gated_fft_conv` with the filter ``h[c, t] = sum_n R[c, n] lambda[c, n]^t`` (of any length),
+    in O(L D N) work with fp32 states and no FFT.
+
+    Args:
+        q: post-gate ``[B, L, D]``.
+        k: pre-gate ``[B, L, D]``.
+        v: value ``[B, L, D]``.
+        log_poles: ``[D, N]``, ``log lambda`` (finite, <= 0), fp32; gradients flow to it.
+        residues: ``[D, N]`` (R).
+        bias: Dskip ``[D]`` or None.
+        initial_state: ``[B, D, N]`` state before the first token (None: zero); gradients flow to it.
+        return_state: also return the fp32 state after the last token, ``[B, D, N]`` (differentiable).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        check_values: check that ``log_poles`` is finite and <= 0 (one host synchronisation; the model skips
+            it because its parametrisation ``-exp(p) exp(gamma)`` guarantees it).
+
+    Returns:
+        ``y`` in q's dtype, or ``(y, final_state)`` when ``return_state``.
+    """
+    check_modal_inputs(q, k, v, log_poles, residues, bias, initial_state, check_values and not _compiling())
+    if resolve_backend(backend, q) == "triton":
+        from sh2.kernels.modal_conv import gated_modal_conv_triton
+
+        y, state = gated_modal_conv_triton(q, k, v, log_poles, residues, bias, initial_state)
+    else:
+        y, state = reference.gated_modal_conv_ref(q, k, v, log_poles, residues, bias, initial_state,
+                                                  return_state=True)
+    return (y, state) if return_state else y
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Causal depthwise convolution of ``x [B, L, C]`` with ``w [C, K]`` (causal orientation)."""
     if x.dim() != 3 or w.dim() != 2 or w.shape[0] != x.shape[-1]:
@@ -131,5 +207,5 @@ def modal_filter(log_poles: torch.Tensor, residues: torch.Tensor, length: int,
     return reference.modal_filter_ref(log_poles, residues, length)
 
 
-__all__ = ["gated_fir_conv", "gated_fft_conv", "causal_depthwise_conv", "modal_filter", "resolve_backend",
-           "check_gated_inputs", "reference"]
+__all__ = ["gated_fir_conv", "gated_fft_conv", "gated_modal_conv", "check_modal_inputs", "causal_depthwise_conv",
+           "modal_filter", "resolve_backend", "check_gated_inputs", "reference"]

@@ -111,3 +111,54 @@ def modal_filter_ref(
         r = residues[c0 : c0 + chunk_channels].to(cd)
         out[c0 : c0 + chunk_channels] = torch.einsum("cn,cnt->ct", r, torch.exp(lp[..., None] * t))
     return out
+
+
+def gated_modal_conv_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor, residues: torch.Tensor,
+    bias: torch.Tensor | None = None, initial_state: torch.Tensor | None = None, return_state: bool = False,
+    chunk: int = 64,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Hyena-LI by its modal recurrence ``s_n <- lambda_n s_n + z``, ``y = q (sum_n R_n s_n + bias z)``.
+
+    The recurrence is advanced ``chunk`` tokens at a time: inside a chunk the output is the convolution with
+    the chunk's first ``chunk`` filter taps ``h[m] = sum_n R_n lambda_n^m`` plus the decayed start state, and
+    the state jumps by ``lambda^chunk``. With ``chunk=1`` this is literally the token-by-token recurrence.
+    Only non-positive powers of lambda appear (``exp(log_poles * m)``, m >= 0).
+
+    Args:
+        q, k, v: ``[B, L, D]`` (post-gate, pre-gate, value).
+        log_poles: ``[D, N]``, negative (``lambda = exp(log_poles)`` in (0, 1)).
+        residues: ``[D, N]``.
+        bias: Dskip ``[D]`` or None.
+        initial_state: ``[B, D, N]`` state before the first token (None: zero).
+        return_state: also return the state after the last token.
+        chunk: tokens per vectorised step.
+
+    Returns:
+        ``y [B, L, D]`` in q's dtype, and the final state ``[B, D, N]`` (fp32, fp64 for fp64 inputs) when
+        ``return_state``.
+    """
+    cd = _compute_dtype(q.dtype)
+    B, L, D = q.shape
+    lp, r = log_poles.to(cd), residues.to(cd)
+    z = k.to(cd) * v.to(cd)
+    s = (initial_state.to(cd) if initial_state is not None
+         else torch.zeros(B, D, lp.shape[1], device=q.device, dtype=cd))
+    outs = []
+    for t0 in range(0, L, chunk):
+        T = min(chunk, L - t0)
+        zc = z[:, t0:t0 + T]
+        m = torch.arange(T, device=q.device, dtype=cd)
+        powers = torch.exp(lp[..., None] * m)  # [D, N, T]: lambda^m
+        taps = torch.einsum("dn,dnm->dm", r, powers)  # h[m]
+        lag = m[:, None] - m[None, :]
+        toeplitz = torch.where(lag >= 0, taps[:, lag.clamp(min=0).long()], taps.new_zeros(()))  # [D, T, T]
+        conv = torch.einsum("dtu,bud->btd", toeplitz, zc)
+        conv = conv + torch.einsum("bdn,dnt->btd", s * r, powers * torch.exp(lp)[..., None])  # R lambda^(t+1) s
+        s = s * torch.exp(lp * T) + torch.einsum("dnu,bud->bdn", powers.flip(-1), zc)  # lambda^(T-1-u) z_u
+        outs.append(conv)
+    y = torch.cat(outs, dim=1) if outs else z.new_zeros(B, 0, D)
+    if bias is not None:
+        y = y + bias.to(cd) * z
+    y = (q.to(cd) * y).to(q.dtype)
+    return (y, s) if return_state else y
