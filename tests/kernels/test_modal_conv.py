@@ -141,15 +141,15 @@ def test_chunked_state_passing_equals_one_call(device):
     assert rel_err(fin2, fin) < 1e-6
 
 
-def test_decays_near_zero_and_one_constant_input():
+def test_decays_near_zero_and_one_constant_input(device):
     """z = 1 gives s_t = (1 - lambda^(t+1)) / (1 - lambda): the closed form, for lambda -> 0 and lambda -> 1."""
     L, D = 3000, 2
-    log_poles = torch.tensor([[-30.0, -1e-6], [-1e-3, -5.0]])  # lambda ~ 1e-13, 0.999999, 0.999, 0.0067
-    residues = torch.ones(D, 2)
-    ones = torch.ones(1, L, D)
+    log_poles = torch.tensor([[-30.0, -1e-6], [-1e-3, -5.0]], device=device)  # lambda ~ 1e-13, 1 - 1e-6, ...
+    residues = torch.ones(D, 2, device=device)
+    ones = torch.ones(1, L, D, device=device)
     for backend in ("torch", "triton"):
         y = gated_modal_conv(ones, ones, ones, log_poles, residues, backend=backend)
-        t = torch.arange(L, dtype=torch.float64)
+        t = torch.arange(L, dtype=torch.float64, device=device)
         # (1 - lambda^(t+1)) / (1 - lambda) written without cancellation: -expm1((t+1) log) / -expm1(log)
         s = torch.expm1((t[:, None, None] + 1) * log_poles.double()) / torch.expm1(log_poles.double())
         expected = (s * residues.double()).sum(-1)[None]
