@@ -135,6 +135,23 @@ def _ld(p, mask_d):
 
 
 @triton.jit
+def _rows(p, step, mask, UNROLL: tl.constexpr):
+    """``UNROLL`` rows ``p + u * step`` as fp32 (step is a signed token stride)."""
+    out = ()
+    for u in tl.static_range(UNROLL):
+        out = out + (tl.load(p + u * step, mask=mask, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _mul(a, b, UNROLL: tl.constexpr):
+    out = ()
+    for u in tl.static_range(UNROLL):
+        out = out + (a[u] * b[u],)
+    return out
+
+
+@triton.jit
 def _chunk_of(pid, n_chunks, L, T, UNROLL: tl.constexpr):
     """(batch, chunk, first token, tokens, tokens in whole unrolled steps) of a program."""
     b = (pid // n_chunks).to(tl.int64)
@@ -160,12 +177,16 @@ def chunk_state_kernel(k_ptr, v_ptr, lp_ptr, e_ptr, es_ptr, L, T, n_chunks, skb,
     sig = _zeros(BLOCK_D, N)
     pk = _row(k_ptr, b, skb, skl, t0, offs_d)
     pv = _row(v_ptr, b, svb, svl, t0, offs_d)
-    for _i in range(0, n_full, UNROLL):
-        zs = ()
-        for u in tl.static_range(UNROLL):
-            zs = zs + (_ld(pk + u * skl, mask_d) * _ld(pv + u * svl, mask_d),)
+    # rows of the next unrolled step are loaded before this step's updates (software pipelining)
+    nk = _rows(pk, skl, mask_d & (offs_d * 0 < n_full), UNROLL)
+    nv = _rows(pv, svl, mask_d & (offs_d * 0 < n_full), UNROLL)
+    for i in range(0, n_full, UNROLL):
+        zs = _mul(nk, nv, UNROLL)
         pk += UNROLL * skl
         pv += UNROLL * svl
+        more = mask_d & (offs_d * 0 + i + UNROLL < n_full)  # (vector: the interpreter rejects scalar masks)
+        nk = _rows(pk, skl, more, UNROLL)
+        nv = _rows(pv, svl, more, UNROLL)
         for u in tl.static_range(UNROLL):
             if SIGMA:
                 sig = _decay_add_each(sig, lam, s, N)
@@ -250,15 +271,19 @@ def chunk_output_kernel(q_ptr, k_ptr, v_ptr, y_ptr, lp_ptr, r_ptr, bias_ptr, s_p
     pk = _row(k_ptr, b, skb, skl, t0, offs_d)
     pv = _row(v_ptr, b, svb, svl, t0, offs_d)
     py = _row(y_ptr, b, syb, D, t0, offs_d)
-    for _i in range(0, n_full, UNROLL):
-        qs = ()
-        zs = ()
-        for u in tl.static_range(UNROLL):
-            qs = qs + (_ld(pq + u * sql, mask_d),)
-            zs = zs + (_ld(pk + u * skl, mask_d) * _ld(pv + u * svl, mask_d),)
+    nq = _rows(pq, sql, mask_d & (offs_d * 0 < n_full), UNROLL)
+    nk = _rows(pk, skl, mask_d & (offs_d * 0 < n_full), UNROLL)
+    nv = _rows(pv, svl, mask_d & (offs_d * 0 < n_full), UNROLL)
+    for i in range(0, n_full, UNROLL):
+        qs = nq
+        zs = _mul(nk, nv, UNROLL)
         pq += UNROLL * sql
         pk += UNROLL * skl
         pv += UNROLL * svl
+        more = mask_d & (offs_d * 0 + i + UNROLL < n_full)  # (vector: the interpreter rejects scalar masks)
+        nq = _rows(pq, sql, more, UNROLL)
+        nk = _rows(pk, skl, more, UNROLL)
+        nv = _rows(pv, svl, more, UNROLL)
         for u in tl.static_range(UNROLL):
             s = _decay_add(s, lam, zs[u], N)
             y = qs[u] * (_weighted_sum(res, s, N) + skip * zs[u])
@@ -297,12 +322,15 @@ def chunk_adjoint_kernel(dy_ptr, q_ptr, lp_ptr, f_ptr, L, T, n_chunks, sdb, sqb,
         r = _decay_add(r, lam, _ld(pd, mask_d) * _ld(pq, mask_d), N)
         pd -= sdl
         pq -= sql
-    for _i in range(0, n_full, UNROLL):
-        gs = ()
-        for u in tl.static_range(UNROLL):
-            gs = gs + (_ld(pd - u * sdl, mask_d) * _ld(pq - u * sql, mask_d),)
+    nd = _rows(pd, -sdl, mask_d & (offs_d * 0 < n_full), UNROLL)
+    nq = _rows(pq, -sql, mask_d & (offs_d * 0 < n_full), UNROLL)
+    for i in range(0, n_full, UNROLL):
+        gs = _mul(nd, nq, UNROLL)
         pd -= UNROLL * sdl
         pq -= UNROLL * sql
+        more = mask_d & (offs_d * 0 + i + UNROLL < n_full)  # (vector: the interpreter rejects scalar masks)
+        nd = _rows(pd, -sdl, more, UNROLL)
+        nq = _rows(pq, -sql, more, UNROLL)
         for u in tl.static_range(UNROLL):
             r = _decay_add(r, lam, gs[u], N)
     _store_slab(f_ptr + (b * n_chunks + c) * N * D, D, offs_d, mask_d, r, N)
@@ -359,19 +387,24 @@ def chunk_dq_kernel(dy_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, lp_ptr, r_ptr, bias_ptr
     pk = _row(k_ptr, b, skb, skl, t0, offs_d)
     pv = _row(v_ptr, b, svb, svl, t0, offs_d)
     pdq = _row(dq_ptr, b, sob, D, t0, offs_d)
-    for _i in range(0, n_full, UNROLL):
-        dys = ()
-        gs = ()
-        zs = ()
-        for u in tl.static_range(UNROLL):
-            dy = _ld(pd + u * sdl, mask_d)
-            dys = dys + (dy,)
-            gs = gs + (dy * _ld(pq + u * sql, mask_d),)
-            zs = zs + (_ld(pk + u * skl, mask_d) * _ld(pv + u * svl, mask_d),)
+    first = mask_d & (offs_d * 0 < n_full)
+    nd = _rows(pd, sdl, first, UNROLL)
+    nq = _rows(pq, sql, first, UNROLL)
+    nk = _rows(pk, skl, first, UNROLL)
+    nv = _rows(pv, svl, first, UNROLL)
+    for i in range(0, n_full, UNROLL):
+        dys = nd
+        gs = _mul(nd, nq, UNROLL)
+        zs = _mul(nk, nv, UNROLL)
         pd += UNROLL * sdl
         pq += UNROLL * sql
         pk += UNROLL * skl
         pv += UNROLL * svl
+        more = mask_d & (offs_d * 0 + i + UNROLL < n_full)  # (vector: the interpreter rejects scalar masks)
+        nd = _rows(pd, sdl, more, UNROLL)
+        nq = _rows(pq, sql, more, UNROLL)
+        nk = _rows(pk, skl, more, UNROLL)
+        nv = _rows(pv, svl, more, UNROLL)
         for u in tl.static_range(UNROLL):
             sig = _decay_add_each(sig, lam, s, N)
             s = _decay_add(s, lam, zs[u], N)
@@ -448,18 +481,24 @@ def chunk_dkv_kernel(dy_ptr, q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, lp_ptr, r_ptr,
         pv -= svl
         pdk -= D
         pdv -= D
-    for _i in range(0, n_full, UNROLL):
-        gs = ()
-        ks = ()
-        vs = ()
-        for u in tl.static_range(UNROLL):
-            gs = gs + (_ld(pd - u * sdl, mask_d) * _ld(pq - u * sql, mask_d),)
-            ks = ks + (_ld(pk - u * skl, mask_d),)
-            vs = vs + (_ld(pv - u * svl, mask_d),)
+    first = mask_d & (offs_d * 0 < n_full)
+    nd = _rows(pd, -sdl, first, UNROLL)
+    nq = _rows(pq, -sql, first, UNROLL)
+    nk = _rows(pk, -skl, first, UNROLL)
+    nv = _rows(pv, -svl, first, UNROLL)
+    for i in range(0, n_full, UNROLL):
+        gs = _mul(nd, nq, UNROLL)
+        ks = nk
+        vs = nv
         pd -= UNROLL * sdl
         pq -= UNROLL * sql
         pk -= UNROLL * skl
         pv -= UNROLL * svl
+        more = mask_d & (offs_d * 0 + i + UNROLL < n_full)  # (vector: the interpreter rejects scalar masks)
+        nd = _rows(pd, -sdl, more, UNROLL)
+        nq = _rows(pq, -sql, more, UNROLL)
+        nk = _rows(pk, -skl, more, UNROLL)
+        nv = _rows(pv, -svl, more, UNROLL)
         for u in tl.static_range(UNROLL):
             r = _decay_add(r, lam, gs[u], N)
             dz = _weighted_sum(res, r, N) + skip * gs[u]
