@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import gc
 import glob
+import importlib
 import json
 import math
 import os
@@ -303,9 +304,8 @@ def with_li_algorithm(cfg: SH2Config, algorithm: str | None) -> SH2Config:
 
 
 def _parallelize_fn(name: str) -> Callable[..., Any] | None:
-    from sh2.strategies import parallelize
-
-    return getattr(parallelize, name, None)
+    # the module, not the function of the same name that sh2.strategies exports
+    return getattr(importlib.import_module("sh2.strategies.parallelize"), name, None)
 
 
 def remove_context_parallel(model: torch.nn.Module) -> None:
