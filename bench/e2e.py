@@ -61,9 +61,9 @@ RATIO_TARGETS = {8192: 1.3, 32768: 1.8, 131072: 3.0}
 
 def configure_dynamo() -> None:
     """Static shapes (a training run has one sequence length) and room for one compilation per length/layout."""
-    import torch._dynamo
+    from torch import _dynamo
 
-    cfg = torch._dynamo.config
+    cfg = _dynamo.config
     cfg.automatic_dynamic_shapes = False
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(cfg, name):
@@ -149,6 +149,18 @@ def run_config(cfg: SH2Config, L: int, batch: int, mode: str, ckpt: bool, args: 
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def release(device: torch.device, row: dict[str, Any]) -> None:
+    """Free the finished configuration's memory; if compiled code still holds some (more than 1 GiB left
+    allocated), drop dynamo's caches too, so the next configuration starts from an empty GPU."""
+    free_memory(device)
+    if device.type == "cuda" and torch.cuda.memory_allocated(device) > 2**30:
+        from torch import _dynamo
+
+        row["left_allocated_gib"] = torch.cuda.memory_allocated(device) / 2**30
+        _dynamo.reset()
+        free_memory(device)
 
 
 def predicted_seconds(rows: list[dict[str, Any]], cfgs: dict[str, SH2Config], layout: str, mode: str, L: int,
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--li-algorithm", default=None, help="Hyena-LI path (modal | fft) where SH2Config has it")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation, autotuning)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (fewer once --max-timed-s is spent)")
-    ap.add_argument("--max-timed-s", type=float, default=30.0, help="stop timing a configuration after this")
+    ap.add_argument("--max-timed-s", type=float, default=20.0, help="stop timing a configuration after this")
     ap.add_argument("--mem-limit-frac", type=float, default=0.92, help="skip if the predicted peak exceeds this")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds for the whole run")
     ap.add_argument("--out", default=None, help="JSON results, rewritten after every configuration")
@@ -284,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         row["status"] = "out of memory"
                     except Exception as err:  # the other configurations still run
                         row["status"] = f"error: {error_line(err)}"[:300]
-                    free_memory(device)
+                    release(device, row)
                 else:
                     row["status"] = why
                 rows.append(row)

@@ -5,7 +5,7 @@
 # gets at most what is left; the Python benchmarks get that limit minus a margin as --time-budget, skip and
 # record what would not fit, and always write their JSON and tables):
 #   tests     (200) GPU-marked tests
-#   ops       (270) kernels: SE, MR, LI modal vs FFT, fla peers at 8K/32K/128K, one LI layer at 1M (bench/ops.py)
+#   ops       (260) kernels: SE, MR, LI modal vs FFT, fla peers at 8K/32K/128K, one LI layer at 1M (bench/ops.py)
 #   e2e       (300) training step, 8-layer 7B-width SH2 stack vs Transformer layout at 8K, eager and compiled,
 #                   with and without activation checkpointing (bench/e2e.py)
 #   e2e_long  (560) the same at 32K and 128K
@@ -115,7 +115,7 @@ SWEEP_COMPILE=$([ "$HAS_COMPILE" = 1 ] && echo on || echo off)
 for part in $PARTS; do
   case $part in
     tests) step gpu_tests 200 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider ;;
-    ops) step ops 270 python3 bench/ops.py --time-budget "$(budget 270)" --out "$OUT/ops.json" ;;
+    ops) step ops 260 python3 bench/ops.py --time-budget "$(budget 260)" --out "$OUT/ops.json" ;;
     e2e) step e2e 300 python3 bench/e2e.py --lengths 8192 --time-budget "$(budget 300)" --out "$OUT/e2e.json" ;;
     e2e_long) step e2e_long 560 python3 bench/e2e.py --lengths 32768 131072 --time-budget "$(budget 560)" \
                 --out "$OUT/e2e_long.json" ;;
