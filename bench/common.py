@@ -26,6 +26,7 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
@@ -458,6 +459,33 @@ def setup_distributed(device_type: str, timeout_s: int = 300) -> Env:
     env = Env(device, CPGroup.from_group(None))
     barrier(env)  # creates the communicator with every rank before the first point-to-point exchange
     return env
+
+
+def add_torchrun_args(p: argparse.ArgumentParser) -> None:
+    """Options of the scripts launched by torchrun: device, output, ``--resume`` and the process-group timeout."""
+    p.add_argument("--device", choices=("cuda", "cpu"), default=default_device())
+    p.add_argument("--out", default=None, help="JSON output (written by rank 0)")
+    p.add_argument("--resume", action="store_true", help="keep the rows of --out and record where it died")
+    p.add_argument("--pg-timeout", type=int, default=300, help="process-group timeout, seconds")
+    p.add_argument("--pipeline-chunks", type=int, default=2, help="a2a_pipeline_chunks of the CP schemes")
+
+
+def run_on_ranks(run: Callable[[argparse.Namespace, Env], int], args: argparse.Namespace) -> int:
+    """Set the process group up (``args.device``, ``args.pg_timeout``), return ``run(args, env)``, tear it down.
+
+    A failure on one rank of several ends this process at once, without teardown: the peers may wait in a
+    collective this rank will never join, and torchrun stops them when one rank exits.
+    """
+    env = setup_distributed(args.device, args.pg_timeout)
+    try:
+        rc = run(args, env)
+    except BaseException:
+        if env.world > 1:
+            traceback.print_exc()
+            exit_now(1)
+        raise
+    dist.destroy_process_group()
+    return rc
 
 
 def barrier(env: Env) -> None:

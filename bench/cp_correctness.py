@@ -39,7 +39,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -54,18 +53,17 @@ from bench.common import (
     Budget,
     Env,
     add_shape_args,
+    add_torchrun_args,
     bf16_note,
     broadcast_obj,
     consume_errors,
-    default_device,
     error_line,
-    exit_now,
     judge_bf16,
     record_error,
     rel_err,
     remove_context_parallel,
+    run_on_ranks,
     set_activation_checkpointing,
-    setup_distributed,
     shape_config,
     tf32_off,
     worst,
@@ -434,35 +432,21 @@ def run(args: argparse.Namespace, env: Env) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default=default_device())
-    p.add_argument("--out", default=None, help="JSON output (written by rank 0)")
+    add_torchrun_args(p)
     add_shape_args(p, preset="evo2_7b_1m", layout="SDH*")
-    p.add_argument("--pipeline-chunks", type=int, default=2, help="a2a_pipeline_chunks")
     p.add_argument("--op-seq-len", type=int, default=8192)
     p.add_argument("--model-seq-len", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--skip-ops", action="store_true")
     p.add_argument("--skip-model", action="store_true")
-    p.add_argument("--resume", action="store_true", help="keep the rows of --out and record where it died")
-    p.add_argument("--pg-timeout", type=int, default=300, help="process-group timeout, seconds")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: checks that would not finish are skipped and recorded")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    env = setup_distributed(args.device, args.pg_timeout)
-    try:
-        rc = run(args, env)
-    except BaseException:
-        if env.world > 1:  # peers may wait in a collective: no teardown, torchrun ends them when this rank exits
-            traceback.print_exc()
-            exit_now(1)
-        raise
-    dist.destroy_process_group()
-    return rc
+    return run_on_ranks(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import asdict
 from typing import Any
 
@@ -44,10 +43,10 @@ from bench.common import (
     Budget,
     Env,
     add_shape_args,
+    add_torchrun_args,
     barrier,
     broadcast_obj,
     consume_errors,
-    default_device,
     error_line,
     exit_now,
     free_memory,
@@ -55,8 +54,8 @@ from bench.common import (
     record_error,
     remove_context_parallel,
     run_info,
+    run_on_ranks,
     set_activation_checkpointing,
-    setup_distributed,
     shape_config,
     write_json,
 )
@@ -377,10 +376,8 @@ def run(args: argparse.Namespace, env: Env) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default=default_device())
-    p.add_argument("--out", default=None, help="JSON output (written by rank 0)")
+    add_torchrun_args(p)
     add_shape_args(p, preset="evo2_7b_1m", layout="SDH*")
-    p.add_argument("--pipeline-chunks", type=int, default=2, help="a2a_pipeline_chunks")
     p.add_argument("--lengths", type=int, nargs="+", default=[131072, 262144, 524288])
     p.add_argument("--variants", nargs="*", default=["li=p2p_fft", "fir=a2a", "attention=ring"],
                    help="scheme changes from the defaults, one at a time (KEY=VALUE, KEY in li, fir, featurizer, "
@@ -394,25 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checkpointing", action="store_true", help="no activation checkpointing")
     p.add_argument("--force-cp-ops", action="store_true", help="CP operators also with one process")
     p.add_argument("--mem-limit-frac", type=float, default=0.92, help="skip if the predicted peak exceeds this")
-    p.add_argument("--resume", action="store_true", help="keep the rows of --out and record where it died")
-    p.add_argument("--pg-timeout", type=int, default=300, help="process-group timeout, seconds")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run: configurations that would not finish are skipped and recorded")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    env = setup_distributed(args.device, args.pg_timeout)
-    try:
-        rc = run(args, env)
-    except BaseException:
-        if env.world > 1:  # peers may wait in a collective: no teardown, torchrun ends them when this rank exits
-            traceback.print_exc()
-            exit_now(1)
-        raise
-    dist.destroy_process_group()
-    return rc
+    return run_on_ranks(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
