@@ -55,7 +55,7 @@ from bench.common import (
 from sh2.models import SH2Config, SH2Model, parameter_groups
 from sh2.training.flops import model_flops_per_token
 
-# Issue targets for the compiled layouts at their best: SH2 tokens/s over the Transformer's, by length.
+# Targets (shared/ANCHORS.md) for both layouts compiled at their best: SH2 tokens/s over the Transformer's.
 RATIO_TARGETS = {8192: 1.3, 32768: 1.8, 131072: 3.0}
 
 

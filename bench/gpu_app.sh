@@ -4,6 +4,8 @@
 # PARTS (each with its time limit in seconds; a part starts only if 60 s of the call's DEADLINE_S remain and
 # gets at most what is left; the Python benchmarks get that limit minus a margin as --time-budget, skip and
 # record what would not fit, and always write their JSON and tables):
+#   smoke     (2 x 90) every code path of ops.py and e2e.py at small shapes (D = 512; tiny model), to catch a
+#                   failure before the long parts spend device time on it
 #   tests     (200) GPU-marked tests
 #   ops       (260) kernels: SE, MR, LI modal vs FFT, fla peers at 8K/32K/128K, one LI layer at 1M (bench/ops.py)
 #   e2e       (300) training step, 8-layer 7B-width SH2 stack vs Transformer layout at 8K, eager and compiled,
@@ -24,7 +26,7 @@
 # ends with one table of all fit runs in OUT_DIR. Logs: OUT_DIR/NAME.log; the screen shows each part's tables.
 # Environment: DEADLINE_S (seconds for the whole call, default 570), SWEEP_1B, SWEEP_CP, CP_LAYOUT, CP_STEPS,
 # NGPU. Wheels of packages missing on the GPU image are carried in .whl_train/ (bash bench/fetch_wheels.sh).
-# Calls that fit the 10-minute limit: "tests ops" | "e2e fit1b" | "e2e_long" | "sweep1b" | "fitcp sweepcp".
+# Calls that fit the 10-minute limit: "smoke tests ops" | "e2e fit1b" | "e2e_long" | "sweep1b" | "fitcp sweepcp".
 set -uo pipefail
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 2; }
 [ $# -ge 1 ] || usage
@@ -35,7 +37,7 @@ PARTS=$*
 [ -n "$PARTS" ] || usage
 for part in $PARTS; do
   case $part in
-    tests|ops|e2e|e2e_long|fit1b|sweep1b|fitcp|sweepcp|fsdp2|deepspeed|single|cpcheck|generate|layers) ;;
+    smoke|tests|ops|e2e|e2e_long|fit1b|sweep1b|fitcp|sweepcp|fsdp2|deepspeed|single|cpcheck|generate|layers) ;;
     *) echo "unknown part '$part'"; usage ;;
   esac
 done
@@ -114,6 +116,10 @@ SWEEP_COMPILE=$([ "$HAS_COMPILE" = 1 ] && echo on || echo off)
 
 for part in $PARTS; do
   case $part in
+    smoke) step ops_smoke 90 python3 bench/ops.py --dim 512 --lengths 4096,16384 --long-len 65536 --check-len 2048 \
+             --time-budget 60 --out "$OUT/ops_smoke.json"
+           step e2e_smoke 90 python3 bench/e2e.py --preset tiny --layers 4 --lengths 1024 --time-budget 60 \
+             --out "$OUT/e2e_smoke.json" ;;
     tests) step gpu_tests 200 python3 -m pytest -q -m gpu tests -x -p no:cacheprovider ;;
     ops) step ops 260 python3 bench/ops.py --time-budget "$(budget 260)" --out "$OUT/ops.json" ;;
     e2e) step e2e 300 python3 bench/e2e.py --lengths 8192 --time-budget "$(budget 300)" --out "$OUT/e2e.json" ;;

@@ -246,7 +246,7 @@ PEERS = (("LI fft", "FFT", ("fwd", "fwdbwd")), ("DeltaNet fla", "DeltaNet", ("fw
 
 
 def print_tables(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], ceil: dict[str, Any]) -> None:
-    """The operator table, the long-sequence table and the targets of the open issues, as markdown."""
+    """The operator table, the long-sequence table and the targets of shared/ANCHORS.md, as markdown."""
     by = {(r["op"], r["L"]): r for r in rows}
 
     def ms(r: dict[str, Any], mode: str) -> str:
