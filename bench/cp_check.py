@@ -7,7 +7,7 @@ On the single-GPU machine (NCCL)::
 
 On CPU (gloo, tiny shapes)::
 
-    python bench/cp_check.py --device cpu --preset tiny --seq-len 256 --steps 3
+    PYTHONPATH=$PWD python bench/cp_check.py --device cpu --preset tiny --seq-len 256 --steps 3
 
 Part 1 runs every CP operator scheme through ``CPSequenceOps`` with ``cp = 1`` (all-to-all collectives
 really run, on the device's backend; p2p exchanges degenerate to local copies) on fp32 and bf16 device
@@ -21,45 +21,19 @@ if an operator check fails or a loss is not finite.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import socket
 import sys
 import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from bench.common import init_single_rank, rel_err, run_info, write_json
 from sh2.models.seqops import LOCAL_OPS
 from sh2.strategies.cp_comm import CPGroup
 from sh2.strategies.cp_ops import CPConfig, CPSequenceOps
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_rank(backend: str) -> None:
-    """A 1-rank process group (also what Lightning will find and reuse)."""
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group(backend, rank=0, world_size=1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _check(name: str, ref_fn: Any, cp_fn: Any, inputs: list[torch.Tensor], params: list[torch.Tensor | None],
@@ -72,7 +46,7 @@ def _check(name: str, ref_fn: Any, cp_fn: Any, inputs: list[torch.Tensor], param
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
         (out.float() * g.float()).sum().backward()
         results.append([out] + [t.grad for t in xs] + [p.grad for p in ps if p is not None])
-    err = max(_rel(a, b) for a, b in zip(results[1], results[0]))
+    err = max(rel_err(a, b) for a, b in zip(results[1], results[0]))
     ok = math.isfinite(err) and err < tol
     print(f"  {name:<44s} max rel err {err:.2e}  {'ok' if ok else 'FAIL'}", flush=True)
     return {"name": name, "rel_err": err, "ok": ok}
@@ -197,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(0)
     init_single_rank("nccl" if device.type == "cuda" else "gloo")
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    report: dict[str, Any] = run_info(device)
     ok = True
     if not args.skip_ops:
         report["ops"] = check_ops(device, args.op_seq_len, args.op_width)
@@ -221,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["train"].append(train(ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=2,
                                                                               force_cp_ops=True), args, precision))
         ok &= all(r["ok"] for r in report["train"])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    write_json(args.out, report)
     print("cp_check:", "OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -5,8 +5,8 @@ of ``--prompt-len`` tokens, decodes ``--new-tokens`` tokens (greedy) and reports
 tokens/s and peak memory, as JSON on stdout and in ``--out``.
 
 Examples:
-    python bench/generate.py --preset evo2_7b_8k --prompt-len 100000 --new-tokens 1000 --out gen_7b.json
-    python bench/generate.py --preset tiny --prompt-len 256 --new-tokens 16      # CPU smoke test
+    PYTHONPATH=$PWD python bench/generate.py --preset evo2_7b_8k --prompt-len 100000 --new-tokens 1000 --out gen_7b.json
+    PYTHONPATH=$PWD python bench/generate.py --preset tiny --prompt-len 256 --new-tokens 16      # CPU smoke test
 """
 
 from __future__ import annotations
@@ -22,13 +22,9 @@ import time
 
 import torch
 
+from bench.common import sync
 from sh2.inference import decode_step, prefill
 from sh2.models import SH2Config, SH2Model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> SH2Model:
@@ -82,10 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     mem_weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits, cache = prefill(model, prompt, max_new_tokens=args.new_tokens, last_logits_only=True)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - t0
     peak_prefill = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
@@ -93,11 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = min(2, args.new_tokens)
     for _ in range(warmup):
         token = decode_step(model, token, cache).argmax(-1)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(args.new_tokens - warmup):
         token = decode_step(model, token, cache).argmax(-1)
-    _sync(device)
+    sync(device)
     decode_s = time.perf_counter() - t0
     timed = args.new_tokens - warmup
 

@@ -1,276 +1,443 @@
-"""Operator benchmark of the sh2 kernels against their references and the sequence-mixing peers.
+"""Operator benchmark: the sh2 sequence-mixing kernels beside their peers, with the device ceilings of the same run.
 
-One command on the GPU machine (protocol of ANCHORS.md: batch 1, D = 4096, bf16, sequence mixing only,
-``triton.testing.do_bench`` median, fresh random inputs for every operator and length)::
+Protocol of ``shared/ANCHORS.md``: batch 1, width D = 4096, bf16 activations (filters, decays, Dskip fp32), the
+sequence-mixing part of each operator only (no projections), ``triton.testing.do_bench`` median, fresh random
+inputs for every operator, length and mode; "fwd+bwd" = forward plus the gradients of every input and filter.
+One call checks the kernels against float64 references, measures the ceilings (device copy counting bytes read
+plus written, bf16 matmul) and times every selected operator, then prints the tables (``## `` headings) and
+writes everything to ``--out`` after every row::
 
-    PYTHONPATH=$PWD python bench/ops.py --check --out ops.json
+    PYTHONPATH=$PWD python bench/ops.py --out ops.json                      # the default set, about 4 minutes
+    PYTHONPATH=$PWD python bench/ops.py --groups li,long --out li.json      # Hyena-LI only
+    PYTHONPATH=$PWD python bench/ops.py --device cpu --dim 64 --lengths 256,512 --long-len 1024   # CPU smoke
 
-It measures the ceilings first (device copy, counting bytes read + written; bf16 matmul), then for each
-L: Hyena-SE (K = 7, 256 groups), Hyena-MR (K = 128, 256 groups, Dskip) and Hyena-LI (full-length
-filter, Dskip) through the Triton kernels and through the PyTorch reference (``F.conv1d`` / fp32
-``torch.fft``), causal SDPA (32 heads x 128), and flash-linear-attention DeltaNet and simple-GLA when
-``fla`` is importable. ``--check`` first compares every kernel with the reference at realistic sizes.
+Operator groups (``--groups``, comma-separated; default ``li,peers,se,mr,long``, timed in that order):
 
-With autotuning on (the default) the first call of each FIR shape compiles and times about 15 kernel
-variants, so the whole run takes 6-7 minutes on an H100; ``--lengths`` and ``--ops`` split it.
-``--profile NAME`` prints a per-kernel CUDA time breakdown of one fwd+bwd instead.
+- ``li``: Hyena-LI. "LI modal" = ``sh2.kernels.gated_modal_conv`` (the exact 16-state recurrence), when the
+  tree has it; "LI fft" = the FFT path the model runs (``modal_filter`` then ``gated_fft_conv``), from the
+  same (log_poles, residues) drawn by ``ModalFilter``'s initialisation, so both rows compute the same function.
+- ``peers``: flash-linear-attention ``chunk_delta_rule`` (DeltaNet) and ``chunk_simple_gla`` (Mamba2-like),
+  32 heads x 128, when ``fla`` is importable on a GPU.
+- ``se``, ``mr``: Hyena-SE (K = 7) and Hyena-MR (K = 128, Dskip), 256 groups of 16 channels.
+- ``long``: one LI operator at ``--long-len`` tokens (1,048,576): fwd+bwd and fwd time, peak memory and the
+  memory beyond the inputs; the FFT path's fwd+bwd only where its extrapolated peak fits the GPU.
+- ``refs`` (PyTorch references: ``F.conv1d``, fp32 ``torch.fft``) and ``sdpa`` (causal SDPA 32 x 128): opt-in.
+
+Byte floors (bf16): the forward reads q, k, v and writes y (4 L D 2 bytes); fwd+bwd adds dy and dq, dk, dv
+(11 tensors). ``--time-budget`` (default 230 s) is shared by the phases (check, table, long run); a measurement
+that would not fit what is left is skipped and recorded. Kernel autotuning (``SH2_AUTOTUNE``, on by default)
+happens in the first call of each shape, outside the timed region. ``--profile NAME`` prints a CUDA kernel
+breakdown of one fwd+bwd of the matching operators instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from sh2.kernels import _tuning, reference
-from sh2.kernels.fft import gated_fft_conv_triton
-from sh2.kernels.fir import gated_fir_conv_triton
-from sh2.kernels.modal import modal_filter_triton
+from bench.common import (
+    Budget,
+    bench_ms,
+    byte_floor_ms,
+    default_device,
+    error_line,
+    fmt,
+    free_memory,
+    measure_ceilings,
+    print_table,
+    run_info,
+    sync,
+    write_json,
+)
+from bench.kernel_checks import check, modal_kernel, modal_parameters
+from sh2 import kernels
+from sh2.kernels import reference
 
 BF16 = torch.bfloat16
+GROUPS = ("li", "peers", "se", "mr", "refs", "sdpa")  # timing order of the table
 
 
-def bench(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` (triton.testing.do_bench, events, warm-up excluded)."""
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+@dataclass
+class Operator:
+    """One timed operator: fresh random arguments for a length, and the call.
+
+    Attributes:
+        name: row label.
+        group: the ``--groups`` word that selects it.
+        make: ``make(L, grad)`` -> arguments (q, k, v first), leaves requiring grad when ``grad``.
+        fn: the operator; a tuple result's first element is the output.
+    """
+
+    name: str
+    group: str
+    make: Callable[[int, bool], tuple[Any, ...]]
+    fn: Callable[..., Any]
 
 
-def ceilings() -> dict[str, float]:
-    """Device copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s), measured here."""
-    n = 1 << 30  # bytes
-    a = torch.randn(n // 2, device="cuda", dtype=BF16)
-    b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a))
-    copy_gbs = 2 * n / ms / 1e6
-    m = 8192
-    x, y = (torch.randn(m, m, device="cuda", dtype=BF16) for _ in range(2))
-    ms_mm = bench(lambda: x @ y)
-    return {"copy_GBps": copy_gbs, "matmul_bf16_TFLOPs": 2 * m**3 / ms_mm / 1e9}
-
-
-def _hyena_inputs(L: int, D: int, G: int, K: int, bias: bool, grad: bool):
-    q, k, v = (torch.randn(1, L, D, device="cuda", dtype=BF16, requires_grad=grad) for _ in range(3))
-    h = (torch.randn(G, K, device="cuda") / math.sqrt(K)).requires_grad_(grad)
-    b = torch.randn(D, device="cuda", requires_grad=grad) if bias else None
-    return q, k, v, h, b
-
-
-def _time_op(make: Callable[[bool], tuple], fn: Callable, backward: bool) -> float:
-    """Time forward (or forward + backward of all inputs) on freshly drawn inputs."""
-    args = make(backward)
-    if not backward:
-        with torch.no_grad():
-            return bench(lambda: fn(*args))
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    out = fn(*args)
-    out = out[0] if isinstance(out, tuple) else out
-    dy = torch.randn_like(out)
-    del out
-
-    def step():
-        for a in leaves:
-            a.grad = None
-        o = fn(*args)
-        o = o[0] if isinstance(o, tuple) else o
-        o.backward(dy)
-
-    return bench(step)
-
-
-def operators(D: int, fla_ok: bool) -> dict[str, tuple[Callable[[int], Callable[[bool], tuple]], Callable]]:
-    """name -> (inputs factory for L, callable)."""
+def operators(D: int, device: torch.device, backend: str, fla_ok: bool) -> list[Operator]:
+    """Every operator this run can time, in table order."""
     G = D // 16
-    ops: dict[str, tuple] = {
-        "SE K=7 triton": (lambda L: lambda g: _hyena_inputs(L, D, G, 7, False, g), gated_fir_conv_triton),
-        "SE K=7 torch conv1d": (lambda L: lambda g: _hyena_inputs(L, D, G, 7, False, g), reference.gated_fir_conv_ref),
-        "MR K=128 triton": (lambda L: lambda g: _hyena_inputs(L, D, G, 128, True, g), gated_fir_conv_triton),
-        "MR K=128 torch conv1d": (lambda L: lambda g: _hyena_inputs(L, D, G, 128, True, g),
-                                  reference.gated_fir_conv_ref),
-        "LI triton fft": (lambda L: lambda g: _hyena_inputs(L, D, D, L, True, g), gated_fft_conv_triton),
-        "LI torch fft": (lambda L: lambda g: _hyena_inputs(L, D, D, L, True, g), reference.gated_fft_conv_ref),
-    }
     H = D // 128
 
-    def sdpa_inputs(L):
-        return lambda g: tuple(torch.randn(1, H, L, 128, device="cuda", dtype=BF16, requires_grad=g) for _ in range(3))
+    def hyena(K: int, bias: bool) -> Callable[[int, bool], tuple[Any, ...]]:
+        def make(L: int, grad: bool) -> tuple[Any, ...]:
+            q, k, v = (torch.randn(1, L, D, device=device, dtype=BF16, requires_grad=grad) for _ in range(3))
+            h = (torch.randn(G, K, device=device) / math.sqrt(K)).requires_grad_(grad)
+            b = torch.randn(D, device=device, requires_grad=grad) if bias else None
+            return q, k, v, h, b
+        return make
 
-    ops["SDPA causal 32x128"] = (sdpa_inputs, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    def li(L: int, grad: bool) -> tuple[Any, ...]:
+        q, k, v = (torch.randn(1, L, D, device=device, dtype=BF16, requires_grad=grad) for _ in range(3))
+        lp, r = modal_parameters(D, device)
+        b = torch.randn(D, device=device)
+        return (q, k, v, *(t.requires_grad_(grad) for t in (lp, r, b)))
+
+    def li_fft(q, k, v, lp, r, b):
+        return kernels.gated_fft_conv(q, k, v, kernels.modal_filter(lp, r, q.shape[1], backend=backend), b,
+                                      backend=backend)
+
+    def li_fft_ref(q, k, v, lp, r, b):
+        return reference.gated_fft_conv_ref(q, k, v, reference.modal_filter_ref(lp, r, q.shape[1]), b)
+
+    def fir(q, k, v, h, b):
+        return kernels.gated_fir_conv(q, k, v, h, b, backend=backend)
+
+    ops: list[Operator] = []
+    modal = modal_kernel()
+    if modal is not None:
+        ops.append(Operator("LI modal", "li", li, modal))
+    ops.append(Operator("LI fft", "li", li, li_fft))
     if fla_ok:
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.simple_gla import chunk_simple_gla
 
-        def la_inputs(L, kind):
-            def make(g):
-                q, k, v = (torch.randn(1, L, H, 128, device="cuda", dtype=BF16) for _ in range(3))
+        def linear_attention(kind: str) -> Callable[[int, bool], tuple[Any, ...]]:
+            def make(L: int, grad: bool) -> tuple[Any, ...]:
+                q, k, v = (torch.randn(1, L, H, 128, device=device, dtype=BF16) for _ in range(3))
                 k = F.normalize(k.float(), dim=-1).to(BF16)
                 if kind == "delta":
-                    extra = torch.rand(1, L, H, device="cuda", dtype=BF16).sigmoid()
+                    extra = torch.rand(1, L, H, device=device, dtype=BF16).sigmoid()
                 else:
-                    extra = F.logsigmoid(torch.randn(1, L, H, device="cuda", dtype=torch.float32))
-                return tuple(x.requires_grad_(g) for x in (q, k, v, extra))
+                    extra = F.logsigmoid(torch.randn(1, L, H, device=device, dtype=torch.float32))
+                return tuple(x.requires_grad_(grad) for x in (q, k, v, extra))
             return make
 
-        ops["DeltaNet fla"] = (lambda L: la_inputs(L, "delta"), lambda q, k, v, b: chunk_delta_rule(q, k, v, b))
-        ops["simple-GLA fla"] = (lambda L: la_inputs(L, "gla"), lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g))
+        ops.append(Operator("DeltaNet fla", "peers", linear_attention("delta"),
+                            lambda q, k, v, b: chunk_delta_rule(q, k, v, b)))
+        ops.append(Operator("simple-GLA fla", "peers", linear_attention("gla"),
+                            lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g)))
+    ops += [Operator("SE K=7", "se", hyena(7, False), fir), Operator("MR K=128", "mr", hyena(128, True), fir),
+            Operator("SE K=7 torch conv1d", "refs", hyena(7, False), reference.gated_fir_conv_ref),
+            Operator("MR K=128 torch conv1d", "refs", hyena(128, True), reference.gated_fir_conv_ref),
+            Operator("LI torch fft", "refs", li, li_fft_ref)]
+
+    def sdpa(L: int, grad: bool) -> tuple[Any, ...]:
+        return tuple(torch.randn(1, H, L, 128, device=device, dtype=BF16, requires_grad=grad) for _ in range(3))
+
+    ops.append(Operator("SDPA causal 32x128", "sdpa", sdpa,
+                        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
     return ops
 
 
-def check(D: int, L: int) -> list[tuple[str, float]]:
-    """Relative errors of every Triton kernel vs the fp32 reference on the same bf16 inputs, fwd and grads."""
-    torch.manual_seed(0)
-    out = []
-    cases = [("SE", gated_fir_conv_triton, reference.gated_fir_conv_ref, D // 16, 7, False),
-             ("MR", gated_fir_conv_triton, reference.gated_fir_conv_ref, D // 16, 128, True),
-             ("LI", gated_fft_conv_triton, reference.gated_fft_conv_ref, D, L, True)]
-    for name, fn, ref, G, K, bias in cases:
-        u = torch.randn(1, L, 3 * D, device="cuda", dtype=BF16, requires_grad=True)
-        h = (torch.randn(G, K, device="cuda") * torch.exp(-torch.arange(K, device="cuda") / 64)).requires_grad_(True)
-        b = torch.randn(D, device="cuda", requires_grad=True) if bias else None
-        leaves = [x for x in (u, h, b) if x is not None]
-        refs = [x.detach().float().requires_grad_(True) for x in leaves]
-        y = fn(u[..., :D], u[..., D:2 * D], u[..., 2 * D:], h, b)
-        ur = refs[0]
-        yr = ref(ur[..., :D], ur[..., D:2 * D], ur[..., 2 * D:], refs[1], refs[2] if bias else None)
-        dy = torch.randn_like(y)
-        errs = [y.float().sub(yr).norm().item() / yr.norm().item()]
-        for g, gr in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, refs, dy.float())):
-            errs.append(g.float().sub(gr).norm().item() / gr.norm().item())
-        out.append((name, max(errs)))
-        print(f"check {name}: max rel err (fwd, grads) = {max(errs):.2e}  {[f'{e:.1e}' for e in errs]}")
-    lp = torch.rand(D, 16, device="cuda").mul(-0.1).sub(0.01).requires_grad_(True)
-    r = torch.randn(D, 16, device="cuda").requires_grad_(True)
-    hm = modal_filter_triton(lp, r, L)
-    lp64, r64 = (x.detach().double().requires_grad_(True) for x in (lp, r))
-    hr = reference.modal_filter_ref(lp64, r64, L)
-    dh = torch.randn_like(hm)
-    errs = [hm.double().sub(hr).norm().item() / hr.norm().item()]
-    for g, gr in zip(torch.autograd.grad(hm, (lp, r), dh), torch.autograd.grad(hr, (lp64, r64), dh.double())):
-        errs.append(g.double().sub(gr).norm().item() / gr.norm().item())
-    out.append(("modal", max(errs)))
-    print(f"check modal: max rel err = {max(errs):.2e}")
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# -------------------------------------------------------------------------------------------- measuring
+def measure(op: Operator, L: int, backward: bool, device: torch.device) -> dict[str, Any]:
+    """Median ms of one forward (or forward + all gradients) on fresh inputs, then the memory of one call.
+
+    ``peak_GiB`` is the allocator's peak during one call; ``extra_GiB`` the part of it above what was allocated
+    before the call (inputs, and dy for fwd+bwd): outputs, gradients and working memory.
+    """
+    args = op.make(L, backward)
+    inputs_gib = sum(a.numel() * a.element_size() for a in args[:3]) / 2**30
+    if backward:
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        dy = torch.randn_like(_first(op.fn(*args)))  # the first call compiles and autotunes, untimed
+
+        def call() -> Any:
+            return torch.autograd.grad(_first(op.fn(*args)), leaves, dy)
+    else:
+        def call() -> Any:
+            with torch.no_grad():
+                return op.fn(*args)
+    ms = bench_ms(call, device)
+    out: dict[str, Any] = {"ms": ms, "inputs_GiB": inputs_gib}
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = call()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del result
+        out.update(peak_GiB=peak / 2**30, extra_GiB=(peak - base) / 2**30)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", default="2048,8192,32768,131072")
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--ops", default="", help="comma-separated substrings of operator names to run (default all)")
-    p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--check", action="store_true", help="correctness checks at realistic sizes first")
-    p.add_argument("--out", default="", help="write the results as JSON here")
-    p.add_argument("--profile", default="", help="print a CUDA kernel breakdown of fwd+bwd for ops matching this "
-                   "substring at the first length, then exit")
-    a = p.parse_args(argv)
-    D = a.dim
-    try:
-        import fla  # noqa: F401
+def measure_row(op: Operator, L: int, modes: tuple[str, ...], device: torch.device, copy_gbps: float, D: int,
+                budget: Budget, history: dict[tuple[str, str], tuple[int, float]], skip: dict[str, str] | None = None
+                ) -> dict[str, Any]:
+    """Both modes of one operator at one length: times, memory, byte-floor ratios, or why not."""
+    row: dict[str, Any] = {"op": op.name, "group": op.group, "L": L, "D": D}
+    for mode in modes:
+        why = (skip or {}).get(mode)
+        if why is None:
+            seen = history.get((op.name, mode))  # first call of an operator: compilation and autotuning
+            need = 8 * seen[1] * L / seen[0] / 1e3 + 1.0 if seen else 20.0
+            why = None if budget.allows(need) else f"skipped: time budget ({budget.left():.0f} s left, ~{need:.0f} s)"
+        if why is not None:
+            row[f"{mode}_status"] = why
+            continue
+        try:
+            got = measure(op, L, mode == "fwdbwd", device)
+            row.update({f"{mode}_{k}" if k != "inputs_GiB" else k: v for k, v in got.items()})
+            row[f"{mode}_status"] = "ok"
+            history[(op.name, mode)] = (L, got["ms"])
+        except torch.OutOfMemoryError:
+            row[f"{mode}_status"] = "out of memory"
+        except Exception as err:  # keep measuring the other operators
+            row[f"{mode}_status"] = f"error: {error_line(err)}"[:300]
+        free_memory(device)
+    floor4, floor11 = (byte_floor_ms(n, L, D, copy_gbps) for n in (4, 11))
+    row.update(floor_fwd_ms=floor4, floor_fwdbwd_ms=floor11)
+    if row.get("fwd_ms"):
+        row.update(fwd_over_floor=row["fwd_ms"] / floor4, fwd_frac_copy=floor4 / row["fwd_ms"])
+    if row.get("fwdbwd_ms"):
+        row["fwdbwd_over_floor"] = row["fwdbwd_ms"] / floor11
+    return row
 
-        fla_ok = True
-    except Exception as e:  # pragma: no cover - depends on the machine
-        print(f"note: fla not importable ({e}); DeltaNet / simple-GLA skipped")
-        fla_ok = False
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                 "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "D": D, "batch": 1}
-    if a.check:
-        res["check"] = check(D, 8192)
-        bad = [n for n, e in res["check"] if not e < 2e-2]
-        if bad:
-            print(f"CHECK FAILED: {bad}")
-            return 1
-    res["ceilings"] = ceilings()
-    copy = res["ceilings"]["copy_GBps"]
-    print(f"ceilings: copy {copy:.0f} GB/s, bf16 matmul {res['ceilings']['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
-    ops = operators(D, fla_ok)
-    if a.profile:
-        return profile(ops, a.profile, int(a.lengths.split(",")[0]))
-    wanted = [s for s in a.ops.split(",") if s]
-    rows = []
-    for L in (int(x) for x in a.lengths.split(",")):
-        for name, (make, fn) in ops.items():
-            if wanted and not any(w in name for w in wanted):
+
+def long_run(ops: list[Operator], rows: list[dict[str, Any]], L: int, device: torch.device, copy_gbps: float,
+             D: int, budget: Budget, history: dict[tuple[str, str], tuple[int, float]]) -> list[dict[str, Any]]:
+    """One LI operator at ``L`` tokens: the modal kernel, then the FFT path (fwd+bwd only if it should fit)."""
+    out = []
+    cap = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else math.inf
+    for op in ops:
+        skip: dict[str, str] = {}
+        fits = [r for r in rows if r["op"] == op.name and r.get("fwdbwd_peak_GiB")]
+        if fits:
+            ref = max(fits, key=lambda r: r["L"])
+            pred = ref["fwdbwd_peak_GiB"] * L / ref["L"]
+            if pred > 0.95 * cap:
+                skip["fwdbwd"] = f"skipped: predicted out of memory ({pred:.0f} GiB from {ref['L']} tokens)"
+        row = measure_row(op, L, ("fwdbwd", "fwd"), device, copy_gbps, D, budget, history, skip)
+        row["group"] = "long"
+        out.append(row)
+        print(f"  {op.name:<22s} L={L:>8d}  fwd+bwd {fmt(row.get('fwdbwd_ms'), '.2f')} ms "
+              f"({row.get('fwdbwd_status')}), fwd {fmt(row.get('fwd_ms'), '.2f')} ms ({row.get('fwd_status')})",
+              flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tables
+# (row, label, modes compared): simple-GLA's backward is refused by fla 0.6 on Hopper, so it is compared forward only
+PEERS = (("LI fft", "FFT", ("fwd", "fwdbwd")), ("DeltaNet fla", "DeltaNet", ("fwd", "fwdbwd")),
+         ("simple-GLA fla", "GLA", ("fwd",)))
+
+
+def print_tables(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], ceil: dict[str, Any]) -> None:
+    """The operator table, the long-sequence table and the targets of shared/ANCHORS.md, as markdown."""
+    by = {(r["op"], r["L"]): r for r in rows}
+
+    def ms(r: dict[str, Any], mode: str) -> str:
+        if r.get(f"{mode}_ms") is not None:
+            return fmt(r[f"{mode}_ms"], ".3f")
+        status = str(r.get(f"{mode}_status", "-"))
+        return "OOM" if "out of memory" in status else ("skipped" if status.startswith("skipped") else
+                                                        ("error" if status.startswith("error") else "-"))
+
+    def speedups(r: dict[str, Any]) -> str:
+        out = []
+        for peer, label, modes in PEERS:
+            p = by.get((peer, r["L"]))
+            if p is None or peer == r["op"] or (peer == "LI fft" and r["group"] != "li"):
                 continue
-            row = {"op": name, "L": L}
-            for mode in ("fwd", "fwdbwd") if not a.no_backward else ("fwd",):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    row[mode] = _time_op(make(L), fn, mode == "fwdbwd")
-                    row[mode + "_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-                except torch.cuda.OutOfMemoryError:
-                    row[mode] = None
-                    row[mode + "_note"] = "out of memory"
-                except Exception as e:  # keep measuring the other operators
-                    row[mode] = None
-                    row[mode + "_error"] = repr(e)[:300]
-                torch.cuda.empty_cache()
-            floor_f = 4 * L * D * 2 / (copy * 1e9) * 1e3
-            floor_fb = 11 * L * D * 2 / (copy * 1e9) * 1e3
-            row["fwd_frac_copy"] = floor_f / row["fwd"] if row.get("fwd") else None
-            row["fwdbwd_over_floor"] = row["fwdbwd"] / floor_fb if row.get("fwdbwd") else None
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            res["rows"] = rows
-            res["chosen_configs"] = {repr(k): repr(v) for k, v in _tuning._CACHE.items()}
-            if a.out:  # rewritten after every row, so a run cut short keeps what it measured
-                with open(a.out, "w") as f:
-                    json.dump(res, f, indent=1)
-    print_table(rows)
-    return 0
+            for mode in modes:
+                if p.get(f"{mode}_ms") and r.get(f"{mode}_ms"):
+                    tag = "fwd" if mode == "fwd" else "f+b"
+                    out.append(f"{label} {tag} {p[f'{mode}_ms'] / r[f'{mode}_ms']:.1f}x")
+        return ", ".join(out) or "-"
+
+    width = rows[0]["D"] if rows else "-"
+    print_table(f"Operators (ms; D = {width}, batch 1, bf16; copy {ceil['copy_GBps']:.0f} GB/s, "
+                f"bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s, same run)",
+                ["op", "L", "fwd", "fwd / 4-tensor floor", "fwd % of copy", "fwd+bwd", "fwd+bwd / 11-tensor floor",
+                 "fwd+bwd peak GiB", "speed-up over the peers (their time / this)"],
+                [[r["op"], r["L"], ms(r, "fwd"), fmt(r.get("fwd_over_floor"), ".2f"),
+                  fmt(r.get("fwd_frac_copy"), ".0%"), ms(r, "fwdbwd"), fmt(r.get("fwdbwd_over_floor"), ".2f"),
+                  fmt(r.get("fwdbwd_peak_GiB"), ".1f"),
+                  speedups(r) if r["group"] in ("li", "se", "mr") else ""] for r in rows])
+    if long_rows:
+        print_table("One LI operator at long length (extra = peak above the inputs and dy: outputs, gradients, "
+                    "working memory)",
+                    ["op", "L", "mode", "ms", "/ floor", "peak GiB", "extra GiB", "extra / inputs (q, k, v)", "status"],
+                    [[r["op"], r["L"], mode, ms(r, mode), fmt(r.get(f"{mode}_over_floor"), ".2f"),
+                      fmt(r.get(f"{mode}_peak_GiB"), ".1f"), fmt(r.get(f"{mode}_extra_GiB"), ".1f"),
+                      fmt(r[f"{mode}_extra_GiB"] / r["inputs_GiB"] if r.get(f"{mode}_extra_GiB") else None, ".2f"),
+                      r.get(f"{mode}_status")] for r in long_rows for mode in ("fwdbwd", "fwd")])
+    goals = targets(rows, long_rows)
+    if goals:
+        print_table("Targets (shared/ANCHORS.md), this run", ["target", "L", "measured", "met"], goals)
 
 
-def profile(ops: dict, pattern: str, L: int) -> int:
+def targets(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """One line per (target, length) that this run measured."""
+    by = {(r["op"], r["L"]): r for r in rows}
+    out: list[list[Any]] = []
+
+    def add(name: str, L: int, value: float | None, spec: str, ok: bool | None) -> None:
+        if value is not None:
+            out.append([name, L, format(value, spec), {True: "yes", False: "**no**", None: "-"}[ok]])
+
+    for r in rows:
+        L, op = r["L"], r["op"]
+        if op in ("SE K=7", "MR K=128") and L >= 8192:
+            f, fb = r.get("fwd_frac_copy"), r.get("fwdbwd_over_floor")
+            add(f"{op} fwd >= 70% of copy", L, f, ".0%", None if f is None else f >= 0.70)
+            add(f"{op} fwd+bwd <= 2x 11-tensor floor", L, fb, ".2f", None if fb is None else fb <= 2.0)
+        if op == "LI modal" and L >= 8192:
+            f, fb = r.get("fwd_over_floor"), r.get("fwdbwd_over_floor")
+            if L >= 32768:
+                add("LI modal fwd <= 2x 4-tensor floor", L, f, ".2f", None if f is None else f <= 2.0)
+                add("LI modal fwd+bwd <= 3x 11-tensor floor", L, fb, ".2f", None if fb is None else fb <= 3.0)
+            for peer, mode in (("simple-GLA fla", "fwd"), ("DeltaNet fla", "fwdbwd")):
+                p = by.get((peer, L), {}).get(f"{mode}_ms")
+                mine = r.get(f"{mode}_ms")
+                if p and mine:
+                    add(f"LI modal {'fwd' if mode == 'fwd' else 'fwd+bwd'} faster than {peer}", L, p / mine, ".2f",
+                        p / mine > 1.0)
+    for r in long_rows:
+        if r["op"] == "LI modal":
+            status = r.get("fwdbwd_status")
+            out.append(["LI modal fwd+bwd runs at long length", r["L"], ms_or(r, "fwdbwd"),
+                        "yes" if status == "ok" else f"**no** ({status})"])
+            extra = r.get("fwdbwd_extra_GiB")
+            if extra is not None:
+                ratio = extra / r["inputs_GiB"]
+                add("LI modal fwd+bwd memory beyond inputs / inputs", r["L"], ratio, ".2f", None)
+    return out
+
+
+def ms_or(r: dict[str, Any], mode: str) -> str:
+    return f"{r[f'{mode}_ms']:.2f} ms" if r.get(f"{mode}_ms") is not None else "-"
+
+
+# ---------------------------------------------------------------------------------------------- profile
+def profile(ops: list[Operator], pattern: str, L: int) -> int:
     """Per-kernel CUDA time of one forward + backward (after warm-up) for each matching operator."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for name, (make, fn) in ops.items():
-        if pattern not in name:
+    for op in ops:
+        if pattern not in op.name:
             continue
-        args = make(L)(True)
-        out = fn(*args)
-        dy = torch.randn_like(out)
+        args = op.make(L, True)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        dy = torch.randn_like(_first(op.fn(*args)))
         for _ in range(2):
-            fn(*args).backward(dy)
+            torch.autograd.grad(_first(op.fn(*args)), leaves, dy)
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(*args).backward(dy)
+            torch.autograd.grad(_first(op.fn(*args)), leaves, dy)
             torch.cuda.synchronize()
-        print(f"== {name} L={L} fwd+bwd")
+        print(f"== {op.name} L={L} fwd+bwd")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
     return 0
 
 
-def print_table(rows: list[dict]) -> None:
-    """Markdown table: ms, fraction of the copy ceiling (gated-conv byte floor), speedups over the peers."""
-    def fmt(x, spec=".3f"):
-        return "-" if x is None else format(x, spec)
+# ------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=default_device())
+    p.add_argument("--lengths", default="8192,32768,131072", help="comma-separated sequence lengths")
+    p.add_argument("--dim", type=int, default=4096, help="width D")
+    p.add_argument("--groups", default="li,peers,se,mr,long",
+                   help=f"comma-separated operator groups: {', '.join(GROUPS)}, long")
+    p.add_argument("--ops", default="", help="comma-separated substrings: only operators whose name contains one")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the correctness checks")
+    p.add_argument("--check-len", type=int, default=8192, help="sequence length of the checks")
+    p.add_argument("--long-len", type=int, default=1 << 20, help="tokens of the long LI run (group long)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="sh2.kernels backend of the SE, MR and LI fft rows (auto: Triton on CUDA)")
+    p.add_argument("--time-budget", type=float, default=230.0, help="seconds for the whole run (0: unlimited)")
+    p.add_argument("--out", default="", help="JSON results, rewritten after every row")
+    p.add_argument("--profile", default="", help="print a CUDA kernel breakdown of fwd+bwd for ops matching this "
+                   "substring at the first length, then exit")
+    return p
 
-    by = {(r["op"], r["L"]): r for r in rows}
-    peers = ["torch", "DeltaNet fla", "simple-GLA fla", "SDPA causal 32x128"]
-    print("| op | L | fwd ms | fwd floor/time | fwd+bwd ms | fwd+bwd / 11-tensor floor | fwd speedup vs ref / "
-          "DeltaNet / GLA / SDPA | fwd+bwd speedup vs ref / DeltaNet / GLA / SDPA |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        sp = {"fwd": [], "fwdbwd": []}
-        if "triton" in r["op"]:
-            ref_name = r["op"].replace("triton fft", "torch fft").replace("triton", "torch conv1d")
-            for mode in sp:
-                for peer in [ref_name] + peers[1:]:
-                    o = by.get((peer, r["L"]), {}).get(mode)
-                    sp[mode].append(f"{o / r[mode]:.1f}x" if o and r.get(mode) else "-")
-        fwd = "OOM" if r.get("fwd_note") else fmt(r.get("fwd"))
-        fb = "OOM" if r.get("fwdbwd_note") else fmt(r.get("fwdbwd"))
-        print(f"| {r['op']} | {r['L']} | {fwd} | {fmt(r.get('fwd_frac_copy'), '.0%')} | "
-              f"{fb} | {fmt(r.get('fwdbwd_over_floor'), '.2f')} | {' / '.join(sp['fwd'])} | "
-              f"{' / '.join(sp['fwdbwd'])} |")
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    device = torch.device(a.device)
+    D, lengths = a.dim, [int(x) for x in a.lengths.split(",") if x]
+    groups = [g for g in a.groups.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS) - {"long"})
+    if unknown:
+        raise SystemExit(f"--groups: unknown {unknown}; choose from {', '.join(GROUPS)}, long")
+    total = Budget(a.time_budget or None)
+    fla_ok = False
+    if device.type == "cuda" and "peers" in groups:
+        try:
+            import fla  # noqa: F401
+
+            fla_ok = True
+        except Exception as e:  # depends on the machine
+            print(f"note: fla not importable ({e}); DeltaNet / simple-GLA skipped")
+    if modal_kernel() is None:
+        print("note: sh2.kernels.gated_modal_conv is not in this tree; the LI modal rows are skipped")
+    res: dict[str, Any] = {**run_info(device), "D": D, "batch": 1, "backend": a.backend, "groups": groups,
+                           "modal_kernel": modal_kernel() is not None, "fla": fla_ok, "rows": [], "long": []}
+    res["ceilings"] = ceil = measure_ceilings(device)
+    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s "
+          f"({ceil['method']})", flush=True)
+    ops = operators(D, device, a.backend, fla_ok)
+    if a.profile:
+        return profile(ops, a.profile, lengths[0])
+    failed = False
+    if a.check:
+        res["check"] = check(D, a.check_len, device, a.backend, total.phase(60.0))
+        failed = any(r["ok"] is False for r in res["check"])
+        write_json(a.out, res)
+    wanted = [s for s in a.ops.split(",") if s]
+    chosen = [op for g in GROUPS if g in groups for op in ops
+              if op.group == g and (not wanted or any(w in op.name for w in wanted))]
+    modes = ("fwd",) if a.no_backward else ("fwd", "fwdbwd")
+    long_ops = [op for op in ops if op.group == "li"] if "long" in groups else []
+    table = Budget(None, total.deadline - 40.0 if long_ops and total.deadline else total.deadline)
+    history: dict[tuple[str, str], tuple[int, float]] = {}
+    for op in chosen:
+        for L in lengths:
+            row = measure_row(op, L, modes, device, ceil["copy_GBps"], D, table, history)
+            res["rows"].append(row)
+            print(f"  {op.name:<22s} L={L:>7d}  fwd {fmt(row.get('fwd_ms'), '.3f')} ms  fwd+bwd "
+                  f"{fmt(row.get('fwdbwd_ms'), '.3f')} ms  {row.get('fwd_status')}/{row.get('fwdbwd_status', '-')}",
+                  flush=True)
+            write_json(a.out, res)
+    if long_ops:
+        res["long"] = long_run(long_ops, res["rows"], a.long_len, device, ceil["copy_GBps"], D, total, history)
+    try:
+        from sh2.kernels import _tuning
+
+        res["chosen_configs"] = {repr(k): repr(v) for k, v in getattr(_tuning, "_CACHE", {}).items()}
+    except ImportError:
+        pass
+    write_json(a.out, res)
+    print_tables(res["rows"], res["long"], ceil)
+    if failed:
+        print("\nCHECK FAILED: " + ", ".join(r["check"] for r in res["check"] if r["ok"] is False))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""bench/cp_multi.py on CPU: 2 gloo processes under torchrun, tiny shapes (the multi-GPU run of issue 7).
+"""The multi-GPU CP benchmarks on CPU: 2 gloo processes under torchrun, tiny shapes.
 
-Checks that ``correctness`` covers every CP operator scheme and the model in fp32 and bf16 and passes, that
-``scaling`` records every configuration (and resumes after a rank dies of a simulated out-of-memory error),
-that ``summary`` renders the tables, and that bench/multi_gpu.sh is valid bash.
+Checks that bench/cp_correctness.py covers every CP operator scheme and the model in fp32 and bf16 and passes,
+that bench/cp_scaling.py records every configuration (and resumes after a rank dies of a simulated
+out-of-memory error), that bench/cp_summary.py renders the tables, that the fp32-anchored bf16 verdict of
+bench/common.py judges by the ratio, and that bench/multi_gpu.sh is valid bash.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "cp_multi.py"
+BENCH = ROOT / "bench"
 SHAPE = ["--device", "cpu", "--width", "32", "--heads", "4", "--groups", "4", "--mlp", "64", "--mr-filter-len", "8",
          "--li-state", "4"]
 OPS = {("featurizer", s) for s in ("p2p", "p2p_overlap")}
@@ -25,10 +26,10 @@ OPS |= {(op, s) for op in ("SE", "MR") for s in ("p2p", "p2p_overlap", "a2a", "a
 OPS |= {("LI", s) for s in ("a2a", "a2a_pipelined", "p2p_fft")} | {("attention", s) for s in ("a2a", "ring")}
 
 
-def _torchrun(args: list[str], nproc: int = 2, env: dict[str, str] | None = None, check: bool = True
+def _torchrun(script: str, args: list[str], nproc: int = 2, env: dict[str, str] | None = None, check: bool = True
               ) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT),
-           *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(BENCH / script), *args]
     path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=180)
@@ -44,7 +45,7 @@ def test_multi_gpu_script_is_valid_bash() -> None:
 
 def test_correctness_covers_every_operator_and_passes(tmp_path: Path) -> None:
     out = tmp_path / "correctness_n2.json"
-    _torchrun(["correctness", *SHAPE, "--op-seq-len", "64", "--model-seq-len", "64", "--out", str(out)])
+    _torchrun("cp_correctness.py", [*SHAPE, "--op-seq-len", "64", "--model-seq-len", "64", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["world"] == 2 and rep["backend"] == "gloo" and rep["ok"] is True and rep["complete"] is True
     for dt in ("fp32", "bf16"):
@@ -63,12 +64,12 @@ def test_scaling_records_every_configuration_and_resumes_after_oom(tmp_path: Pat
     # rank 1 runs out of memory at the longest default length: the job dies (the other rank waits in a
     # collective), the rerun with --resume records it and runs the rest of the plan
     out = tmp_path / "scaling_n2.json"
-    args = ["scaling", *SHAPE, "--lengths", "128", "256", "512", "--variant-lengths", "128", "--warmup", "1",
+    args = [*SHAPE, "--lengths", "128", "256", "512", "--variant-lengths", "128", "--warmup", "1",
             "--steps", "1", "--resume", "--out", str(out)]
-    fake = {"CP_MULTI_FAKE_OOM": "cp2/default/L512@1"}
-    assert _torchrun(args, env=fake, check=False).returncode != 0
+    fake = {"SH2_BENCH_FAKE_OOM": "cp2/default/L512@1"}
+    assert _torchrun("cp_scaling.py", args, env=fake, check=False).returncode != 0
     assert (tmp_path / "scaling_n2.json.rank1.err").exists()
-    _torchrun(args, env=fake)
+    _torchrun("cp_scaling.py", args, env=fake)
     rep = json.loads(out.read_text())
     rows = {(r["scheme"], r["seq_len"]): r for r in rep["rows"]}
     assert set(rows) == {("default", 128), ("default", 256), ("default", 512), ("li=p2p_fft", 128), ("fir=a2a", 128),
@@ -82,8 +83,8 @@ def test_scaling_records_every_configuration_and_resumes_after_oom(tmp_path: Pat
     assert not list(tmp_path.glob("*.err"))
 
     # CP = 1 baseline (one process) and the summary tables
-    _torchrun([*args[:-3], "--out", str(tmp_path / "scaling_n1.json")], nproc=1)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "summary", str(tmp_path)], cwd=ROOT, capture_output=True,
+    _torchrun("cp_scaling.py", [*args[:-3], "--out", str(tmp_path / "scaling_n1.json")], nproc=1)
+    proc = subprocess.run([sys.executable, str(BENCH / "cp_summary.py"), str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "summary.md").read_text()
@@ -92,8 +93,7 @@ def test_scaling_records_every_configuration_and_resumes_after_oom(tmp_path: Pat
 
 @pytest.mark.parametrize("variant", ["li=p2p_fft,fir=a2a", "chunks=4"])
 def test_parse_variant(variant: str) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from cp_multi import parse_variant
+    from bench.cp_scaling import parse_variant
 
     name, fields = parse_variant(variant)
     assert name == variant and fields and all(k.endswith(("_scheme", "_chunks")) for k in fields)
@@ -101,24 +101,16 @@ def test_parse_variant(variant: str) -> None:
         parse_variant("nonsense")
 
 
-def _load_cp_multi():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cp_multi_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bf16_verdict_is_anchored_to_fp32() -> None:
-    cm = _load_cp_multi()
+    from bench import common as cm
+
     g = torch.Generator().manual_seed(0)
     truth = [torch.randn(1000, generator=g), torch.randn(50, generator=g)]
     noise = [torch.randn(t.shape, generator=g) for t in truth]
     one_gpu_bf16 = [t + 0.05 * n for t, n in zip(truth, noise)]  # bf16 itself 5% off fp32
 
     def verdict(cp: list[torch.Tensor]) -> dict:
-        row = {"ok": max(cm._rel(a, b) for a, b in zip(cp, one_gpu_bf16)) < cm.TOL["bf16"]}
+        row = {"ok": max(cm.rel_err(a, b) for a, b in zip(cp, one_gpu_bf16)) < cm.TOL["bf16"]}
         cm.judge_bf16(row, cp, one_gpu_bf16, truth, ["a", "b"])
         return row
 
