@@ -69,16 +69,24 @@ def test_li_prefill_state_is_the_recurrence_computed_in_chunks(monkeypatch):
     torch.testing.assert_close(li_prefill_state(z, log_poles), s, rtol=1e-12, atol=1e-12)
 
 
-def test_left_padded_batch_matches_each_prompt_alone():
-    model = make_model("SDH*SD")
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(2, 512, (n,), generator=g) for n in (20, 13, 5)]
-    new = torch.randint(2, 512, (3, 6), generator=g)
-    L = 20
-    ids = torch.ones(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
+def left_padded(lengths: tuple[int, ...], new_tokens: int, seed: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths``, their left-padded batch ``(ids, mask)`` and ``new_tokens`` tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 512, (n,), generator=g) for n in lengths]
+    new = torch.randint(2, 512, (len(lengths), new_tokens), generator=g)
+    L = max(lengths)
+    ids = torch.ones(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    return prompts, ids, mask, new
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    model = make_model("SDH*SD")
+    prompts, ids, mask, new = left_padded((20, 13, 5), 6, seed=4)
+    L = 20
     logits, cache = prefill(model, ids, mask, max_new_tokens=6)
     steps = [decode_step(model, new[:, t], cache) for t in range(6)]
     for i, p in enumerate(prompts):
@@ -90,14 +98,7 @@ def test_left_padded_batch_matches_each_prompt_alone():
 
 def test_selecting_samples_of_a_padded_batch_continues_them_unchanged():
     model = make_model("SDH*SD")
-    g = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(2, 512, (n,), generator=g) for n in (7, 12, 4)]
-    new = torch.randint(2, 512, (3, 4), generator=g)
-    L = 12
-    ids = torch.ones(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    prompts, ids, mask, new = left_padded((7, 12, 4), 4, seed=6)
     _, cache = prefill(model, ids, mask, max_new_tokens=4)
     decode_step(model, new[:, 0], cache)
     keep = torch.tensor([2, 0])  # sample 1 finished
