@@ -105,7 +105,7 @@ def layout_string(ops: list[str]) -> str:
 
 @dataclass
 class SH2Config:
-    """Configuration of a StripedHyena 2 model (SPEC section 1).
+    """Configuration of a StripedHyena 2 model (see docs/design.md, the model).
 
     Attributes:
         name: preset name or a free label.

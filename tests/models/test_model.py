@@ -61,7 +61,7 @@ def test_li_filter_matches_closed_form_and_recurrence():
     lam = torch.exp(-torch.exp(f.p) * torch.exp(f.gamma))  # per-token decay in (0, 1)
     assert ((lam > 0) & (lam < 1)).all()
     closed = torch.stack([(f.R * lam ** t).sum(-1) for t in range(L)], dim=-1)
-    # the filter is built in fp32 by design (SPEC 1.2): compare at fp32 rounding of terms of size |R| ~ 0.1
+    # the filter is built in fp32 by design: compare at fp32 rounding of terms of size |R| ~ 0.1
     torch.testing.assert_close(h.double(), closed, rtol=0, atol=1e-7)
     # recurrence s_n <- lam_n s_n + z_t ; y_t = sum_n R_n s_n equals the causal convolution with h
     z = torch.randn(3, L, dtype=torch.float64)
