@@ -113,7 +113,7 @@ class Evo2Names:
 
     Attributes:
         vortex_layers: the Vortex config list of the layers of this kind (``hcs_layer_idxs``, ...).
-        tensors: every parameter of the mixer, in the model's order.
+        tensors: every parameter of the mixer, each once.
         vortex_keys: Vortex block keys that are all present only in a block of this kind (kinds with
             more keys are tried first: Vortex tells MR from SE by its Dskip vector).
         savanna_keys: the same for Savanna blocks; a kind with none is the one left when no other matches.
