@@ -11,7 +11,9 @@ orientation), MR ``mixer.mixer.filter.h`` + ``mixer.mixer.filter.decay`` (the ef
 ``mixer.mixer.conv_bias`` (Dskip of MR and LI).
 
 Savanna's MR ``h`` and LI ``p, gamma, R`` are the training parameters themselves, so when Savanna's decay
-equals sh2's (Evo 2: weak preset, T_ref 8192) the conversion is exact.
+equals sh2's (Evo 2: weak preset, T_ref 8192) the conversion is exact. Which Savanna key holds which sh2
+parameter, and in which :class:`~sh2.models.mixer.TensorForm`, is declared per operator kind
+(``kind.evo2.tensors``); this module implements each form for Savanna's layout.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import torch
 
 from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
 from sh2.checkpoints.state import LazyStateDict
-from sh2.checkpoints.vortex import VortexLayout, hyena_rows, mr_decay, qkv_rows
+from sh2.checkpoints.vortex import VortexLayout, hyena_rows, layout_decay, present, qkv_rows
+from sh2.checkpoints.vortex_config import identify_kind
 from sh2.models.config import PRESETS, SH2Config, layout_string
+from sh2.models.mixer import TensorForm
+from sh2.models.operators import operator_kind
 
 log = logging.getLogger(__name__)
 _IGNORED = ("._extra_state", "rotary_emb.inv_freq", "filter.t", "outer_mlp_layernorm.weight",
@@ -58,13 +63,9 @@ def _split(state: Mapping[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch
 
 
 def _operator(g: Mapping[str, torch.Tensor]) -> str:
-    if "mixer.mixer.filter.p" in g or "mixer.mixer.filter.R" in g:
-        return "LI"
-    if "mixer.mixer.filter.h" in g:
-        return "MR"
-    if "mixer.mixer.short_conv.short_conv_weight" in g:
-        return "SE"
-    return "MHA"
+    op = identify_kind(g.__contains__, lambda names: names.savanna_keys)
+    assert op is not None, "one operator kind declares no Savanna keys"
+    return op
 
 
 def infer_savanna_config(state: Mapping[str, torch.Tensor]) -> SH2Config:
@@ -78,11 +79,8 @@ def infer_savanna_config(state: Mapping[str, torch.Tensor]) -> SH2Config:
                 mlp_hidden_size=groups[2]["mlp.w1.weight"].shape[0])
     for i, op in enumerate(ops):
         g = groups[i + 2]
-        if op == "SE":
-            w = g["mixer.mixer.short_conv.short_conv_weight"]
-            vals.update(se_groups=w.shape[0], se_filter_len=w.shape[-1])
-        elif op == "MR":
-            vals.update(mr_groups=g["mixer.mixer.filter.h"].shape[0])
+        for size in operator_kind(op).evo2.savanna_sizes:
+            vals[size.field] = g[size.key].shape[size.dim]
     for name, fields in PRESETS.items():
         ref = SH2Config.from_dict({**fields, "name": name})
         if all(getattr(ref, k) == v for k, v in vals.items()):
@@ -105,7 +103,7 @@ def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interle
     D, out = config.hidden_size, LazyStateDict()
     hrows = hyena_rows(D, VortexLayout(interleave=interleave))
     qrows = qkv_rows(config.num_heads, config.head_dim, True)
-    decay = mr_decay(config) if "MR" in config.operators else None
+    decay = layout_decay(config)
 
     def take(j: int, name: str, *alts: str) -> tuple[torch.Tensor, str]:
         for k in (name, *alts):
@@ -144,32 +142,30 @@ def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interle
             t, src = take(j, f"mlp.{w}.weight")
             out.add_tensor(f"{s}mlp.{w}.weight", t, src)
         m = s + "mixer."
-        t, src = take(j, "mixer.dense.weight")
-        out.add_tensor(m + "out_proj.weight", t, src)
-        if (config.attn_out_bias if op == "MHA" else config.hyena_out_bias):
-            t, src = take(j, "mixer.dense.bias")
-            out.add_tensor(m + "out_proj.bias", t, src)
-        t, src = take(j, "mixer.dense_projection.weight")
-        if op == "MHA":
-            permuted(m + "qkv.weight", t, src, qrows)
-            continue
-        permuted(m + "in_proj.weight", t, src, hrows)
-        t, src = take(j, "mixer.hyena_proj_conv.short_conv_weight")
-        permuted(m + "short_filter", t, src, hrows, flip=True)
-        if op == "SE":
-            t, src = take(j, "mixer.mixer.short_conv.short_conv_weight")
-            t2 = t.reshape(t.shape[0], -1)
-            out.add(m + "filter.h", tuple(t2.shape), src, lambda t2=t2: t2.flip(-1))
-        elif op == "MR":
-            _add_mr(out, m, j, take, groups[j], config, decay)
-        else:
-            for name in ("p", "gamma", "R"):
-                t, src = take(j, f"mixer.mixer.filter.{name}")
-                shape = (D, t.numel() // D) if t.numel() % D == 0 else tuple(t.shape)
-                out.add(f"{m}filter.{name}", shape, src, lambda t=t, shape=shape: t.reshape(shape).float())
-        if op != "SE":
-            t, src = take(j, "mixer.mixer.conv_bias")
-            out.add_tensor(m + "skip", t, src)
+        for entry in operator_kind(op).evo2.tensors:
+            if not present(config, entry):
+                continue
+            key, form = m + entry.sh2, entry.form
+            t, src = take(j, entry.savanna)
+            if form in (TensorForm.MATRIX, TensorForm.VECTOR, TensorForm.FIR_SKIP):
+                out.add_tensor(key, t, src)
+            elif form in (TensorForm.STREAM_ROWS, TensorForm.STREAM_TAPS):
+                permuted(key, t, src, hrows, flip=form is TensorForm.STREAM_TAPS)
+            elif form is TensorForm.HEAD_ROWS:
+                permuted(key, t, src, qrows)
+            elif form is TensorForm.FIR_TAPS:  # conv1d orientation
+                t2 = t.reshape(t.shape[0], -1)
+                out.add(key, tuple(t2.shape), src, lambda t2=t2: t2.flip(-1))
+            elif form is TensorForm.DECAYED_FIR_TAPS:
+                # Savanna keeps its decay beside the taps: '<filter>.h' and '<filter>.decay'
+                decay_key = entry.savanna.rsplit(".", 1)[0] + ".decay"
+                d_sav = take(j, decay_key)[0] if decay_key in groups[j] else None
+                _add_decayed_taps(out, key, t, src, d_sav, config, decay)
+            elif form in (TensorForm.MODAL_RATE, TensorForm.MODAL_SCALE, TensorForm.MODAL_RESIDUES):
+                shape = (D, t.numel() // D) if t.numel() % D == 0 else tuple(t.shape)  # stored flattened
+                out.add(key, shape, src, lambda t=t, shape=shape: t.reshape(shape).float())
+            else:
+                raise NotImplementedError(f"Savanna reader: no conversion for {form}")
     for j, g in groups.items():
         for k in g:
             if not k.endswith(_IGNORED) and not k.startswith("mixer.mixer.conv_bias"):
@@ -177,26 +173,25 @@ def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interle
     return out
 
 
-def _add_mr(out: LazyStateDict, m: str, j: int, take, g: Mapping[str, torch.Tensor], config: SH2Config,
-            decay: torch.Tensor | None) -> None:
-    h, src = take(j, "mixer.mixer.filter.h")
-    d_sav = take(j, "mixer.mixer.filter.decay")[0] if "mixer.mixer.filter.decay" in g else None
+def _add_decayed_taps(out: LazyStateDict, key: str, h: torch.Tensor, src: str, d_sav: torch.Tensor | None,
+                      config: SH2Config, decay: torch.Tensor | None) -> None:
+    """MR taps: Savanna's ``h`` (longer than K) and decay ``d_sav`` (None: not stored, taken as sh2's) ->
+    sh2's ``hhat`` under sh2's ``decay``."""
     K = config.mr_filter_len
     h2 = h.reshape(h.shape[0], -1)
     if decay is None or h2.shape[0] != decay.shape[0] or h2.shape[1] < K:
-        out.add_tensor(m + "filter.h", h2, src)  # the shape check names the mismatch
+        out.add_tensor(key, h2, src)  # the shape check names the mismatch
         return
     if d_sav is None:
-        out.add(m + "filter.h", (h2.shape[0], K), src, lambda: h2[:, :K])
+        out.add(key, (h2.shape[0], K), src, lambda: h2[:, :K])
         return
     ds = d_sav.reshape(d_sav.shape[0], -1)[:, :K].double()
     if ds.shape == decay.shape and torch.allclose(ds, decay.double(), rtol=1e-6, atol=0):
-        out.add(m + "filter.h", (h2.shape[0], K), src, lambda: h2[:, :K])  # same decay: the parameter itself
+        out.add(key, (h2.shape[0], K), src, lambda: h2[:, :K])  # same decay: the parameter itself
     else:
         log.warning("%s: Savanna's MR decay differs from sh2's (%s, T_ref %d); folding it into hhat", src,
                     config.mr_decay, config.mr_ref_len)
-        out.add(m + "filter.h", (h2.shape[0], K), src,
-                lambda: (h2[:, :K].double() * ds / decay.double()).float())
+        out.add(key, (h2.shape[0], K), src, lambda: (h2[:, :K].double() * ds / decay.double()).float())
 
 
 def find_savanna_file(path: str | os.PathLike) -> Path:

@@ -1,12 +1,15 @@
 """Vortex (evo2 package) checkpoints: read into sh2 layout, and export sh2 models.
 
-Conventions converted at this boundary (SPEC 1.2-1.4):
+Which Vortex key holds which sh2 parameter, and how the two differ, is declared per operator kind as data
+(``kind.evo2.tensors``, see :class:`~sh2.models.mixer.Evo2Tensor`); this module implements each
+:class:`~sh2.models.mixer.TensorForm` once, for reading and for writing:
 
 - Hyena projection rows and featurizer taps: Vortex interleaves the streams (row ``3c + s``), sh2 stores
-  them stream-major (row ``p*D + c``; p = 0 post-gate, 1 pre-gate, 2 value).
+  them stream-major (row ``p*D + c``; p = 0 q (post-gate), 1 k (pre-gate), 2 v (value)).
 - Filter orientation: Vortex applies the featurizer and filters shorter than 128 taps with ``conv1d``
   (cross-correlation: the last tap multiplies the current token); sh2 stores every filter causally (tap
-  0 = current token), so those are flipped. Filters of 128 taps or more (MR) are causal in both.
+  0 = current token), so those are flipped. Filters of 128 taps or more (MR) are causal in both, and Vortex
+  gives them a Dskip vector ``filter.D``.
 - MR: Vortex stores ``h = hhat * decay``; sh2 stores ``hhat`` and applies the decay of its config, so
   the reader divides by the decay (in float64) and the writer multiplies.
 - LI: Vortex stores ``log_poles [D, N, 1]`` and ``residues [D, N]``; sh2 has fp32 ``p, gamma, R`` with
@@ -40,8 +43,12 @@ from sh2.checkpoints.vortex_config import (
 )
 from sh2.models.config import SH2Config
 from sh2.models.filters import DecayedFilter
+from sh2.models.mixer import Evo2Tensor, OperatorKind, TensorForm
+from sh2.models.operators import mixer_classes, operator_kind
 
 CAUSAL_MIN_LEN = 128  # Vortex: filters of >= 128 taps are causal FFT filters with a D term, shorter ones conv1d
+FIR_DSKIP = "filter.D"  # the Dskip vector Vortex gives every FIR filter of >= CAUSAL_MIN_LEN taps
+_FIR_FORMS = (TensorForm.FIR_TAPS, TensorForm.DECAYED_FIR_TAPS)
 _IGNORED_SUFFIXES = ("._extra_state", "rotary_emb.inv_freq", "filter.t")
 _ZERO_OK = ("projections.bias", "inner_mha_cls.Wqkv.bias", "filter.short_filter_bias")
 
@@ -56,9 +63,25 @@ def mr_decay(config: SH2Config) -> torch.Tensor:
     return d
 
 
+def layout_decay(config: SH2Config) -> torch.Tensor | None:
+    """:func:`mr_decay` when a kind in the layout stores decayed FIR taps, else None."""
+    forms = {t.form for cls in mixer_classes(config.operators) for t in cls.kind.evo2.tensors}
+    return mr_decay(config) if TensorForm.DECAYED_FIR_TAPS in forms else None
+
+
+def present(config: SH2Config, t: Evo2Tensor) -> bool:
+    """Whether the model of ``config`` has the parameter ``t`` (optional biases exist under a config flag)."""
+    return t.when is None or bool(getattr(config, t.when))
+
+
+def sibling(kind: OperatorKind, *forms: TensorForm) -> Evo2Tensor:
+    """The tensor of ``kind`` stored in one of ``forms`` (a FIR Dskip's taps, a modal rate's scale)."""
+    return next(t for t in kind.evo2.tensors if t.form in forms)
+
+
 def hyena_rows(D: int, layout: VortexLayout) -> torch.Tensor:
     """Index ``idx`` with ``sh2_rows = vortex_rows[idx]`` for a [3D, ...] Hyena projection/featurizer."""
-    streams = (1, 0, 2) if layout.flip_x1x2 else (0, 1, 2)  # sh2 stream p comes from Vortex stream streams[p]
+    streams = (1, 0, 2) if layout.swap_qk else (0, 1, 2)  # sh2 stream p comes from Vortex stream streams[p]
     c = torch.arange(D)
     parts = [(3 * c + s) if layout.interleave else (s * D + c) for s in streams]
     return torch.cat(parts)
@@ -84,6 +107,123 @@ def _check_zero(key: str, t: torch.Tensor) -> None:
                               f"variant cannot be loaded exactly")
 
 
+class _VortexReader:
+    """Converts the tensors of a Vortex state dict (lazily) into an sh2 :class:`LazyStateDict`, one
+    :class:`TensorForm` per method, recording which Vortex keys were used."""
+
+    def __init__(self, config: SH2Config, vsd: Mapping[str, torch.Tensor], layout: VortexLayout) -> None:
+        self.config, self.vsd, self.out = config, vsd, LazyStateDict()
+        self.used: set[str] = set()
+        D = config.hidden_size
+        self.hrows, self.qrows = hyena_rows(D, layout), qkv_rows(config.num_heads, config.head_dim, layout.qkv_per_head)
+        self.decay = layout_decay(config)
+
+    def get(self, key: str, ndim: int | None = None) -> torch.Tensor:
+        if key not in self.vsd:
+            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {self.config.layout})")
+        t = self.vsd[key]
+        if ndim is not None and t.dim() != ndim:
+            raise CheckpointError(f"Vortex checkpoint: {key!r} has shape {list(t.shape)}, expected {ndim} dims")
+        self.used.add(key)
+        return t
+
+    def rows(self, key: str, src: str, t: torch.Tensor, idx: torch.Tensor, flip: bool = False) -> None:
+        if t.dim() == 3 and t.shape[1] != 1:
+            raise CheckpointError(f"Vortex checkpoint: {src!r} has shape {list(t.shape)}, expected [C, 1, K]")
+        shape = (t.shape[0], t.shape[-1])
+        if t.shape[0] != idx.numel():
+            self.out.add_tensor(key, t, src)  # wrong size: leave it to the shape check, which names both shapes
+            return
+
+        def make() -> torch.Tensor:
+            r = t.index_select(0, idx).reshape(shape)
+            return r.flip(-1) if flip else r
+        self.out.add(key, shape, src, make)
+
+    def mixer(self, kind: OperatorKind, m: str, v: str) -> None:
+        """Every parameter of the mixer of ``kind``: ``m`` the sh2 prefix, ``v`` the Vortex block prefix."""
+        for t in kind.evo2.tensors:
+            if present(self.config, t):
+                self.tensor(kind, t, m + t.sh2, v)
+
+    def tensor(self, kind: OperatorKind, t: Evo2Tensor, key: str, v: str) -> None:
+        """Read ``t`` of a block (Vortex prefix ``v``) into the sh2 ``key``."""
+        src, form, out = v + t.vortex, t.form, self.out
+        if form in (TensorForm.MATRIX, TensorForm.VECTOR):
+            out.add_tensor(key, self.get(src, 2 if form is TensorForm.MATRIX else 1), src)
+        elif form is TensorForm.STREAM_ROWS:
+            self.rows(key, src, self.get(src, 2), self.hrows)
+        elif form is TensorForm.STREAM_TAPS:
+            self.rows(key, src, self.get(src, 3), self.hrows, flip=True)
+        elif form is TensorForm.HEAD_ROWS:
+            self.rows(key, src, self.get(src, 2), self.qrows)
+        elif form in _FIR_FORMS:
+            self.fir_taps(key, src, self.get(src, 3), v, decayed=form is TensorForm.DECAYED_FIR_TAPS)
+        elif form is TensorForm.FIR_SKIP:
+            self.fir_skip(key, src, self.vsd[v + sibling(kind, *_FIR_FORMS).vortex])
+        elif form in (TensorForm.MODAL_RATE, TensorForm.MODAL_SCALE):
+            self.modal(key, src, self.get(src, 3), scale=form is TensorForm.MODAL_SCALE)
+        elif form is TensorForm.MODAL_RESIDUES:
+            r = self.get(src, 2)
+            out.add(key, tuple(r.shape), src, lambda: r.float())
+        else:
+            raise NotImplementedError(f"Vortex reader: no conversion for {form}")
+
+    def fir_taps(self, key: str, src: str, h: torch.Tensor, v: str, decayed: bool) -> None:
+        """Grouped FIR taps; their Vortex orientation depends on the filter length, not on the operator."""
+        G, K = h.shape[0], h.shape[-1]
+        causal = K >= CAUSAL_MIN_LEN
+
+        def taps() -> torch.Tensor:
+            t = h.reshape(G, K)
+            return t if causal else t.flip(-1)
+
+        if not decayed:
+            d_key = v + FIR_DSKIP
+            if causal:  # Vortex gives the filter a Dskip vector; sh2's filter has none: it must be zero
+                _check_zero(d_key, self.get_dskip(d_key))
+            self.out.add(key, (G, K), src, taps)
+            return
+        decay = self.decay
+        assert decay is not None
+        if decay.shape != (G, K):
+            self.out.add(key, (G, K), src, taps)  # the shape check reports the mismatch
+        else:
+            self.out.add(key, (G, K), src, lambda: (taps().double() / decay.double()).float())
+
+    def get_dskip(self, d_key: str) -> torch.Tensor:
+        skip = self.vsd.get(d_key)
+        if skip is None:
+            raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)")
+        self.used.add(d_key)
+        return skip
+
+    def fir_skip(self, key: str, src: str, h: torch.Tensor) -> None:
+        """The Dskip of the FIR filter ``h`` (its Vortex taps)."""
+        if h.shape[-1] >= CAUSAL_MIN_LEN:
+            self.out.add_tensor(key, self.get_dskip(src), src)
+        else:  # a short FIR filter in Vortex has no D term: an exact zero skip
+            D = self.config.hidden_size
+            self.out.add(key, (D,), src, lambda: torch.zeros(D, dtype=h.dtype))
+
+    def modal(self, key: str, src: str, log_poles: torch.Tensor, scale: bool) -> None:
+        """``p`` (or, with ``scale``, ``gamma = 0``) from Vortex's ``log_poles [D, N, 1]``."""
+        if log_poles.shape[-1] != 1:
+            raise CheckpointError(f"Vortex checkpoint: {src!r} has shape {list(log_poles.shape)}, expected [D, N, 1]")
+        shape = tuple(log_poles.shape[:2])
+        if scale:
+            self.out.add(key, shape, src, lambda: torch.zeros(shape, dtype=torch.float32))
+            return
+
+        def p() -> torch.Tensor:
+            lp = log_poles.reshape(shape).double()
+            if bool((lp >= 0).any()):
+                raise CheckpointError(f"Vortex checkpoint: {src} has non-negative entries (growing filters); "
+                                      f"sh2's parametrisation -exp(p)*exp(gamma) cannot represent them")
+            return torch.log(-lp).float()
+        self.out.add(key, shape, src, p)
+
+
 def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
                   layout: VortexLayout | None = None) -> LazyStateDict:
     """Convert a Vortex state dict (lazily) to sh2 keys and layouts for ``config``.
@@ -92,68 +232,23 @@ def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
         CheckpointError: missing key, a tensor of the wrong rank, an unexpected key, a non-zero bias sh2
             does not have, or non-negative LI log-poles.
     """
-    D, out = config.hidden_size, LazyStateDict()
-    layout = layout or VortexLayout()
-    used: set[str] = set()
-
-    def get(key: str, ndim: int | None = None) -> torch.Tensor:
-        if key not in vsd:
-            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {config.layout})")
-        t = vsd[key]
-        if ndim is not None and t.dim() != ndim:
-            raise CheckpointError(f"Vortex checkpoint: {key!r} has shape {list(t.shape)}, expected {ndim} dims")
-        used.add(key)
-        return t
-
-    def rows(key: str, src: str, t: torch.Tensor, idx: torch.Tensor, flip: bool = False) -> None:
-        if t.dim() == 3 and t.shape[1] != 1:
-            raise CheckpointError(f"Vortex checkpoint: {src!r} has shape {list(t.shape)}, expected [C, 1, K]")
-        shape = (t.shape[0], t.shape[-1])
-        if t.shape[0] != idx.numel():
-            out.add_tensor(key, t, src)  # wrong size: leave it to the shape check, which names both shapes
-            return
-
-        def make() -> torch.Tensor:
-            r = t.index_select(0, idx).reshape(shape)
-            return r.flip(-1) if flip else r
-        out.add(key, shape, src, make)
-
+    reader = _VortexReader(config, vsd, layout or VortexLayout())
+    get, out = reader.get, reader.out
     out.add_tensor("embedding.weight", get("embedding_layer.weight", 2), "embedding_layer.weight")
     out.add_tensor("norm.scale", get("norm.scale", 1), "norm.scale")
     if not config.tie_embeddings:
         out.add_tensor("lm_head.weight", get("unembed.weight", 2), "unembed.weight")
     elif "unembed.weight" in vsd:
-        used.add("unembed.weight")
-    hrows, qrows = hyena_rows(D, layout), qkv_rows(config.num_heads, config.head_dim, layout.qkv_per_head)
-    decay = mr_decay(config) if "MR" in config.operators else None
+        reader.used.add("unembed.weight")
     for i, op in enumerate(config.operators):
         v, s = f"blocks.{i}.", f"blocks.{i}."
         out.add_tensor(s + "norm_in.scale", get(v + "pre_norm.scale", 1), v + "pre_norm.scale")
         out.add_tensor(s + "norm_mlp.scale", get(v + "post_norm.scale", 1), v + "post_norm.scale")
         for a, b in (("l1", "w1"), ("l2", "w2"), ("l3", "w3")):
             out.add_tensor(f"{s}mlp.{b}.weight", get(f"{v}mlp.{a}.weight", 2), f"{v}mlp.{a}.weight")
-        m = s + "mixer."
-        if op == "MHA":
-            rows(m + "qkv.weight", v + "inner_mha_cls.Wqkv.weight", get(v + "inner_mha_cls.Wqkv.weight", 2), qrows)
-            out.add_tensor(m + "out_proj.weight", get(v + "inner_mha_cls.out_proj.weight", 2),
-                           v + "inner_mha_cls.out_proj.weight")
-            if config.attn_out_bias:
-                out.add_tensor(m + "out_proj.bias", get(v + "inner_mha_cls.out_proj.bias", 1),
-                               v + "inner_mha_cls.out_proj.bias")
-            continue
-        rows(m + "in_proj.weight", v + "projections.weight", get(v + "projections.weight", 2), hrows)
-        rows(m + "short_filter", v + "filter.short_filter_weight", get(v + "filter.short_filter_weight", 3), hrows,
-             flip=True)
-        out.add_tensor(m + "out_proj.weight", get(v + "out_filter_dense.weight", 2), v + "out_filter_dense.weight")
-        if config.hyena_out_bias:
-            out.add_tensor(m + "out_proj.bias", get(v + "out_filter_dense.bias", 1), v + "out_filter_dense.bias")
-        if op in ("SE", "MR"):
-            _add_fir(out, op, m, v, get(v + "filter.h", 3), vsd, used, decay)
-        else:
-            _add_modal(out, m, v, get(v + "filter.log_poles", 3), get(v + "filter.residues", 2),
-                       get(v + "filter.D", 1))
+        reader.mixer(operator_kind(op), s + "mixer.", v)
     for key in vsd:
-        if key in used or key.endswith(_IGNORED_SUFFIXES):
+        if key in reader.used or key.endswith(_IGNORED_SUFFIXES):
             continue
         if key.endswith(_ZERO_OK):
             _check_zero(key, vsd[key])
@@ -163,58 +258,63 @@ def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
     return out
 
 
-def _add_fir(out: LazyStateDict, op: str, m: str, v: str, h: torch.Tensor, vsd: Mapping[str, torch.Tensor],
-             used: set[str], decay: torch.Tensor | None) -> None:
-    """SE/MR filter and skip. Vortex orientation depends on the filter length, not on the operator."""
-    G, K = h.shape[0], h.shape[-1]
-    causal = K >= CAUSAL_MIN_LEN
-    d_key = v + "filter.D"
-    skip = vsd.get(d_key) if causal else None
-    if causal and skip is None:
-        raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)")
-    if skip is not None:
-        used.add(d_key)
+class _VortexWriter:
+    """Converts an sh2 state dict into Vortex tensors, one :class:`TensorForm` per branch of :meth:`tensor`."""
 
-    def taps() -> torch.Tensor:
-        t = h.reshape(G, K)
-        return t if causal else t.flip(-1)
+    def __init__(self, config: SH2Config, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        self.config, self.state, self.dtype = config, state, dtype
+        self.out: dict[str, torch.Tensor] = {}
+        self.hinv = _inverse(hyena_rows(config.hidden_size, VortexLayout()))
+        self.qinv = _inverse(qkv_rows(config.num_heads, config.head_dim, True))
+        self.decay = layout_decay(config)
 
-    if op == "SE":
-        if skip is not None:
-            _check_zero(d_key, skip)
-        out.add(m + "filter.h", (G, K), v + "filter.h", taps)
-        return
-    assert decay is not None
-    if decay.shape != (G, K):
-        out.add(m + "filter.h", (G, K), v + "filter.h", taps)  # the shape check reports the mismatch
-    else:
-        out.add(m + "filter.h", (G, K), v + "filter.h",
-                lambda: (taps().double() / decay.double()).float())
-    if skip is not None:
-        out.add_tensor(m + "skip", skip, d_key)
-    else:  # a short "MR" filter in Vortex has no D term: an exact zero skip
-        D = int(out.shape(m + "out_proj.weight")[0])
-        out.add(m + "skip", (D,), d_key, lambda: torch.zeros(D, dtype=h.dtype))
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.state:
+            raise CheckpointError(f"sh2 state dict: missing key {key!r}")
+        return self.state[key].detach()
 
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None else t
 
-def _add_modal(out: LazyStateDict, m: str, v: str, log_poles: torch.Tensor, residues: torch.Tensor,
-               skip: torch.Tensor) -> None:
-    shape = tuple(residues.shape)
-    if tuple(log_poles.shape[:2]) != shape:
-        raise CheckpointError(f"Vortex checkpoint: {v}filter.log_poles has shape {list(log_poles.shape)} but "
-                              f"{v}filter.residues has {list(shape)}")
+    def mixer(self, kind: OperatorKind, m: str, v: str) -> None:
+        """Every parameter of the mixer of ``kind``: ``m`` the sh2 prefix, ``v`` the Vortex block prefix."""
+        for t in kind.evo2.tensors:
+            if present(self.config, t):
+                self.tensor(kind, t, m, v)
 
-    def p() -> torch.Tensor:
-        lp = log_poles.reshape(shape).double()
-        if bool((lp >= 0).any()):
-            raise CheckpointError(f"Vortex checkpoint: {v}filter.log_poles has non-negative entries (growing "
-                                  f"filters); sh2's parametrisation -exp(p)*exp(gamma) cannot represent them")
-        return torch.log(-lp).float()
-
-    out.add(m + "filter.p", shape, v + "filter.log_poles", p)
-    out.add(m + "filter.gamma", shape, v + "filter.log_poles", lambda: torch.zeros(shape, dtype=torch.float32))
-    out.add(m + "filter.R", shape, v + "filter.residues", lambda: residues.float())
-    out.add_tensor(m + "skip", skip, v + "filter.D")
+    def tensor(self, kind: OperatorKind, t: Evo2Tensor, m: str, v: str) -> None:
+        get, cast, out = self.get, self.cast, self.out
+        key, dst, form = m + t.sh2, v + t.vortex, t.form
+        if form in (TensorForm.MATRIX, TensorForm.VECTOR):
+            out[dst] = cast(get(key))
+        elif form is TensorForm.STREAM_ROWS:
+            out[dst] = cast(get(key)[self.hinv])
+        elif form is TensorForm.STREAM_TAPS:
+            out[dst] = cast(get(key)[self.hinv].flip(-1)[:, None, :])
+        elif form is TensorForm.HEAD_ROWS:
+            out[dst] = cast(get(key)[self.qinv])
+        elif form in _FIR_FORMS:
+            h = get(key)
+            if form is TensorForm.DECAYED_FIR_TAPS:
+                assert self.decay is not None
+                h = (h.double() * self.decay.double()).to(h.dtype)
+            causal = h.shape[-1] >= CAUSAL_MIN_LEN
+            out[dst] = cast((h if causal else h.flip(-1))[:, None, :])
+            if causal and not any(u.form is TensorForm.FIR_SKIP for u in kind.evo2.tensors):
+                # Vortex creates a D term for every filter of >= 128 taps; this filter has none
+                out[v + FIR_DSKIP] = torch.zeros(self.config.hidden_size, dtype=self.dtype or h.dtype)
+        elif form is TensorForm.FIR_SKIP:
+            if get(m + sibling(kind, *_FIR_FORMS).sh2).shape[-1] >= CAUSAL_MIN_LEN:
+                out[dst] = cast(get(key))
+            else:
+                _check_zero(f"{key} (a Vortex filter shorter than 128 taps has no D term)", get(key))
+        elif form is TensorForm.MODAL_RATE:  # gamma (MODAL_SCALE) is folded in here
+            p, g = get(key).double(), get(m + sibling(kind, TensorForm.MODAL_SCALE).sh2).double()
+            out[dst] = (-torch.exp(p) * torch.exp(g)).float()[..., None]
+        elif form is TensorForm.MODAL_RESIDUES:
+            out[dst] = get(key).float()
+        elif form is not TensorForm.MODAL_SCALE:
+            raise NotImplementedError(f"Vortex writer: no conversion for {form}")
 
 
 def sh2_to_vortex(config: SH2Config, state: Mapping[str, torch.Tensor],
@@ -232,59 +332,19 @@ def sh2_to_vortex(config: SH2Config, state: Mapping[str, torch.Tensor],
             filter (< 128 taps) with a non-zero skip, or a missing key.
     """
     vortex_from_config(config)  # raises for unsupported configs
-    D = config.hidden_size
-
-    def get(key: str) -> torch.Tensor:
-        if key not in state:
-            raise CheckpointError(f"sh2 state dict: missing key {key!r}")
-        return state[key].detach()
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if dtype is not None else t
-
-    hinv = _inverse(hyena_rows(D, VortexLayout()))
-    qinv = _inverse(qkv_rows(config.num_heads, config.head_dim, True))
-    out: dict[str, torch.Tensor] = {"embedding_layer.weight": cast(get("embedding.weight")),
-                                    "norm.scale": cast(get("norm.scale"))}
+    writer = _VortexWriter(config, state, dtype)
+    get, cast, out = writer.get, writer.cast, writer.out
+    out["embedding_layer.weight"] = cast(get("embedding.weight"))
+    out["norm.scale"] = cast(get("norm.scale"))
     if not config.tie_embeddings:
         out["unembed.weight"] = cast(get("lm_head.weight"))
-    decay = mr_decay(config) if "MR" in config.operators else None
     for i, op in enumerate(config.operators):
         s, v = f"blocks.{i}.", f"blocks.{i}."
-        m = s + "mixer."
         out[v + "pre_norm.scale"] = cast(get(s + "norm_in.scale"))
         out[v + "post_norm.scale"] = cast(get(s + "norm_mlp.scale"))
         for a, b in (("l1", "w1"), ("l2", "w2"), ("l3", "w3")):
             out[f"{v}mlp.{a}.weight"] = cast(get(f"{s}mlp.{b}.weight"))
-        if op == "MHA":
-            out[v + "inner_mha_cls.Wqkv.weight"] = cast(get(m + "qkv.weight")[qinv])
-            out[v + "inner_mha_cls.out_proj.weight"] = cast(get(m + "out_proj.weight"))
-            if config.attn_out_bias:
-                out[v + "inner_mha_cls.out_proj.bias"] = cast(get(m + "out_proj.bias"))
-            continue
-        out[v + "projections.weight"] = cast(get(m + "in_proj.weight")[hinv])
-        out[v + "filter.short_filter_weight"] = cast(get(m + "short_filter")[hinv].flip(-1)[:, None, :])
-        out[v + "out_filter_dense.weight"] = cast(get(m + "out_proj.weight"))
-        if config.hyena_out_bias:
-            out[v + "out_filter_dense.bias"] = cast(get(m + "out_proj.bias"))
-        if op == "LI":
-            p, g = get(m + "filter.p").double(), get(m + "filter.gamma").double()
-            out[v + "filter.log_poles"] = (-torch.exp(p) * torch.exp(g)).float()[..., None]
-            out[v + "filter.residues"] = get(m + "filter.R").float()
-            out[v + "filter.D"] = cast(get(m + "skip"))
-            continue
-        h = get(m + "filter.h")
-        if op == "MR":
-            assert decay is not None
-            h = (h.double() * decay.double()).to(h.dtype)
-        causal = h.shape[-1] >= CAUSAL_MIN_LEN
-        out[v + "filter.h"] = cast((h if causal else h.flip(-1))[:, None, :])
-        if op == "MR" and not causal:
-            _check_zero(f"{m}skip (a Vortex filter shorter than 128 taps has no D term)", get(m + "skip"))
-        elif op == "MR":
-            out[v + "filter.D"] = cast(get(m + "skip"))
-        elif causal:  # SE with >= 128 taps: Vortex creates a D term; sh2's SE has none
-            out[v + "filter.D"] = torch.zeros(D, dtype=dtype or h.dtype)
+        writer.mixer(operator_kind(op), s + "mixer.", v)
     return out
 
 

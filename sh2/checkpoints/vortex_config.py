@@ -1,7 +1,8 @@
 """The Vortex (evo2 package) YAML config <-> :class:`~sh2.models.SH2Config`.
 
 Vortex configs name operators by layer index lists (``hcs_layer_idxs`` = Hyena-SE, ``hcm_layer_idxs`` =
-Hyena-MR, ``hcl_layer_idxs`` = Hyena-LI, ``attn_layer_idxs`` = MHA); sh2 uses one layout string. Fields
+Hyena-MR, ``hcl_layer_idxs`` = Hyena-LI, ``attn_layer_idxs`` = MHA: each kind declares its list as
+``kind.evo2.vortex_layers``); sh2 uses one layout string. Fields
 sh2 has no use for (kernel switches, tokenizer, parallel sizes) are ignored on import and written with
 the values the evo2 package expects on export, so an exported file runs there unchanged. The MR decay
 is not part of a Vortex config (Vortex stores the filter with the decay multiplied in); sh2 writes its
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import yaml
 
 from sh2.checkpoints.files import CheckpointError
 from sh2.models.config import PRESETS, SH2Config, layout_string
+from sh2.models.mixer import Evo2Names
+from sh2.models.operators import MIXERS
 
 log = logging.getLogger(__name__)
 
 # Released Evo 2 models that used FP8 input projections (Transformer Engine) during training.
 FP8_TRAINED_PREFIXES = ("evo2_1b", "evo2_20b", "evo2_40b")
-_IDX_FIELDS = (("hcs_layer_idxs", "SE"), ("hcm_layer_idxs", "MR"), ("hcl_layer_idxs", "LI"), ("attn_layer_idxs", "MHA"))
+_IDX_FIELDS = tuple((cls.kind.evo2.vortex_layers, name) for name, cls in MIXERS.items())
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,33 @@ class VortexLayout:
 
     Attributes:
         interleave: projection rows interleaved (row ``3c + s`` is stream s); Evo 2: True.
-        flip_x1x2: ``hyena_flip_x1x2`` (swap post- and pre-gate streams); Evo 2: False.
+        swap_qk: Vortex's ``hyena_flip_x1x2``: the post-gate (q) and pre-gate (k) streams are swapped;
+            Evo 2: False.
         qkv_per_head: ``column_split``: Wqkv rows in per-head order ``[heads, (q,k,v), head_dim]``; Evo 2: True.
     """
 
     interleave: bool = True
-    flip_x1x2: bool = False
+    swap_qk: bool = False
     qkv_per_head: bool = True
+
+
+def identify_kind(has: Callable[[str], bool], keys: Callable[[Evo2Names], tuple[str, ...]]) -> str | None:
+    """The operator kind of a checkpoint block, from the keys it holds.
+
+    Args:
+        has: whether the block holds a key (relative to the block).
+        keys: the identifying keys of a kind in the format (``lambda e: e.vortex_keys``).
+
+    Returns:
+        The first kind whose keys are all held, kinds with more keys first; else the kind that declares no
+        keys (the one left over), or None when every kind declares some.
+    """
+    ranked = sorted(MIXERS.values(), key=lambda cls: -len(keys(cls.kind.evo2)))
+    for cls in ranked:
+        wanted = keys(cls.kind.evo2)
+        if wanted and all(has(k) for k in wanted):
+            return cls.kind.name
+    return next((cls.kind.name for cls in ranked if not keys(cls.kind.evo2)), None)
 
 
 def read_yaml(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -90,7 +113,7 @@ def vortex_layout(cfg: Mapping[str, Any]) -> VortexLayout:
         raise CheckpointError("Vortex config: grouped-query attention (proj_groups != 1) is not supported by the "
                               "Vortex reader")
     return VortexLayout(interleave=bool(cfg.get("interleave", True)),
-                        flip_x1x2=bool(cfg.get("hyena_flip_x1x2", False)),
+                        swap_qk=bool(cfg.get("hyena_flip_x1x2", False)),
                         qkv_per_head=bool(cfg.get("column_split", True)))
 
 
@@ -155,11 +178,10 @@ def vortex_from_config(config: SH2Config) -> dict[str, Any]:
         raise CheckpointError("export to Vortex: grouped-query attention (num_kv_heads) is not supported by Vortex")
     if config.vocab_size % 8:
         raise CheckpointError("export to Vortex: vocab_size must be a multiple of 8")
-    idx = {op: [i for i, o in enumerate(config.operators) if o == op] for op in ("SE", "MR", "LI", "MHA")}
+    layer_lists = {field_name: [i for i, o in enumerate(config.operators) if o == op] for field_name, op in _IDX_FIELDS}
     return {
         "model_name": config.name, "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "num_filters": config.hidden_size, "hcl_layer_idxs": idx["LI"], "hcm_layer_idxs": idx["MR"],
-        "hcs_layer_idxs": idx["SE"], "attn_layer_idxs": idx["MHA"], "hcm_filter_length": config.mr_filter_len,
+        "num_filters": config.hidden_size, **layer_lists, "hcm_filter_length": config.mr_filter_len,
         "hcl_filter_groups": config.hidden_size, "hcm_filter_groups": config.mr_groups,
         "hcs_filter_groups": config.se_groups, "hcs_filter_length": config.se_filter_len,
         "num_layers": config.num_layers, "short_filter_length": config.featurizer_len,
@@ -202,20 +224,13 @@ def infer_config(state: Mapping[str, torch.Tensor], name: str = "vortex") -> SH2
     ops, values = [], {}
     for i in range(layers):
         p = f"blocks.{i}."
-        if p + "inner_mha_cls.Wqkv.weight" in state:
-            ops.append("MHA")
-        elif p + "filter.log_poles" in state:
-            ops.append("LI")
-            values["li_state_size"] = state[p + "filter.log_poles"].shape[1]
-        elif p + "filter.h" in state:
-            h = state[p + "filter.h"]
-            op = "MR" if p + "filter.D" in state else "SE"
-            ops.append(op)
-            values[f"{op.lower()}_groups"], values[f"{op.lower()}_filter_len"] = h.shape[0], h.shape[-1]
-        else:
+        op = identify_kind(lambda key, p=p: p + key in state, lambda names: names.vortex_keys)
+        if op is None:
             raise CheckpointError(f"Vortex checkpoint: cannot tell the operator of layer {i} from its keys")
-        if p + "filter.short_filter_weight" in state:
-            values["featurizer_len"] = state[p + "filter.short_filter_weight"].shape[-1]
+        ops.append(op)
+        for size in MIXERS[op].kind.evo2.vortex_sizes:
+            if p + size.key in state:
+                values[size.field] = state[p + size.key].shape[size.dim]
         if p + "mlp.l1.weight" in state:
             values["mlp_hidden_size"] = state[p + "mlp.l1.weight"].shape[0]
     base = dict(name=name, vocab_size=vocab, hidden_size=D, num_layers=layers, layout=layout_string(ops), **values)

@@ -6,16 +6,8 @@ Example:
     >>> scores = score_sequences(model, ["ACGTAGCT"], reverse_complement=True, layers=[-1])
 """
 
-from sh2.inference.cache import HyenaCache, KVCache, li_prefill_state
-from sh2.inference.generation import (
-    GenerationOutput,
-    InferenceCache,
-    alphabet_ids,
-    decode_step,
-    generate,
-    prefill,
-    sample_next,
-)
+from sh2.inference.cache import HyenaCache, InferenceCache, KVCache, decode_step, li_prefill_state, prefill
+from sh2.inference.generation import GenerationOutput, alphabet_ids, generate, sample_next
 from sh2.inference.scoring import SequenceScore, score_sequences, token_logprobs
 from sh2.inference.tokens import decode, encode, encode_batch, reverse_complement
 

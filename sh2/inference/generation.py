@@ -5,8 +5,8 @@ Example:
     ...                alphabet="ACGT", seed=0)
     >>> out.sequences   # the generated continuations as strings
 
-:func:`prefill` runs the prompt through the model's parallel path once and returns an
-:class:`InferenceCache` (see :mod:`sh2.inference.cache`); :func:`decode_step` then costs one token per
+:func:`~sh2.inference.cache.prefill` runs the prompt through the model's parallel path once and returns an
+:class:`~sh2.inference.cache.InferenceCache`; :func:`~sh2.inference.cache.decode_step` then costs one token per
 call, constant memory for the Hyena layers and a growing KV cache for the few attention layers.
 Prompts of different lengths are left-padded and masked: every sample's positions count its own
 tokens only, so a padded batch gives the same logits as running each prompt alone (fp32 rounding).
@@ -19,33 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sh2.inference.cache import (
-    HyenaCache,
-    KVCache,
-    attention_prefill,
-    attention_step,
-    hyena_prefill,
-    hyena_step,
-)
+from sh2.inference.cache import InferenceCache, decode_step, prefill
 from sh2.inference.tokens import PAD_ID, decode, encode_batch
 
 __all__ = ["InferenceCache", "GenerationOutput", "prefill", "decode_step", "sample_next", "generate",
            "alphabet_ids"]
-
-
-@dataclass
-class InferenceCache:
-    """Decoding state of a whole model.
-
-    Attributes:
-        layers: one :class:`HyenaCache` or :class:`KVCache` per block.
-        positions: RoPE position of the next token, per sample ``[B]``.
-        valid: key validity ``[B, tokens so far]`` (False at left padding), or None when nothing is padded.
-    """
-
-    layers: list[HyenaCache | KVCache]
-    positions: torch.Tensor
-    valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,75 +42,6 @@ class GenerationOutput:
     sequences: list[str]
     logprobs: torch.Tensor
     prompt_lengths: list[int] = field(default_factory=list)
-
-
-def _left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.bool()
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError("attention_mask must be left-padded (zeros before the prompt, ones after); "
-                         "pad prompts on the left for generation")
-    if bool((~mask[:, -1]).any()):
-        raise ValueError("attention_mask: every prompt needs at least one token")
-    return mask
-
-
-@torch.no_grad()
-def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            max_new_tokens: int = 0, last_logits_only: bool = False) -> tuple[torch.Tensor, InferenceCache]:
-    """Run the prompt through the model and build the decoding caches.
-
-    Args:
-        model: an :class:`~sh2.models.SH2Model`.
-        input_ids: prompt ids ``[B, L]``, left-padded when prompts differ in length.
-        attention_mask: ``[B, L]``, 1 for prompt tokens and 0 for left padding (None: no padding).
-        max_new_tokens: tokens that will be generated (sizes the KV caches exactly).
-        last_logits_only: return ``[B, vocab]`` logits of the last position instead of ``[B, L, vocab]``.
-
-    Returns:
-        ``(logits, cache)``. Without a mask the logits equal ``model(input_ids)`` exactly.
-    """
-    B, L = input_ids.shape
-    device = input_ids.device
-    valid = None
-    positions = torch.arange(L, device=device)
-    if attention_mask is not None:
-        mask = _left_padding(attention_mask.to(device))
-        if not bool(mask.all()):
-            valid = mask
-            pad = (~mask).sum(1, keepdim=True)
-            positions = (torch.arange(L, device=device)[None] - pad).clamp_min(0)
-    x = model.embed(input_ids)
-    layers: list[HyenaCache | KVCache] = []
-    for block in model.blocks:
-        h = block.norm_in(x)
-        if block.operator == "MHA":
-            out, cache = attention_prefill(block.mixer, h, positions, valid, L + max_new_tokens)
-        else:
-            out, cache = hyena_prefill(block.mixer, h, valid)
-        layers.append(cache)
-        u = x + out
-        x = u + block.mlp(block.norm_mlp(u))
-    logits = model.head(x[:, -1:] if last_logits_only else x)
-    next_pos = (positions[..., -1] + 1).expand(B).clone() if positions.dim() == 1 else positions[:, -1] + 1
-    return (logits[:, -1] if last_logits_only else logits), InferenceCache(layers, next_pos, valid)
-
-
-@torch.no_grad()
-def decode_step(model: torch.nn.Module, token: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-    """Feed one token per sample (``token [B]``) and return the next-token logits ``[B, vocab]``."""
-    x = model.embed(token[:, None])
-    if cache.valid is not None:
-        cache.valid = torch.cat([cache.valid, cache.valid.new_ones(cache.valid.shape[0], 1)], dim=1)
-    for block, state in zip(model.blocks, cache.layers):
-        h = block.norm_in(x)
-        if isinstance(state, KVCache):
-            out = attention_step(block.mixer, h, cache.positions, state, cache.valid)
-        else:
-            out = hyena_step(block.mixer, h, state)
-        u = x + out
-        x = u + block.mlp(block.norm_mlp(u))
-    cache.positions = cache.positions + 1
-    return model.head(x)[:, 0]
 
 
 def alphabet_ids(alphabet: str | Sequence[int] | None, vocab_size: int = 512) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Byte-level token ids for inference (SPEC 4.1): id = UTF-8 byte, 0 = end of document, 1 = padding.
+"""Byte-level token ids for inference: id = UTF-8 byte, 0 = end of document, 1 = padding.
 
 Kept to the few functions inference needs (batch encoding with left or right padding, decoding,
 reverse complement) so that scoring and generation do not depend on the training data pipeline.

@@ -7,10 +7,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-OPERATORS = ("SE", "MR", "LI", "MHA")
-_SYMBOLS = {"S": "SE", "D": "MR", "H": "LI", "*": "MHA"}
-_WORDS = {"SE": "SE", "MR": "MR", "LI": "LI", "MHA": "MHA", "ATTN": "MHA", "HCS": "SE", "HCM": "MR",
-          "HCL": "LI"}
+from sh2.models.filters import MR_DECAY_PRESETS
+from sh2.models.operators import LAYOUT_SYMBOLS, LAYOUT_WORDS, OPERATORS
+
+# Layout tokens: parentheses, a repeat 'xN', a word or compact pattern of letter symbols, '*', a comma. Layout
+# symbols are letters other than x/X, or '*'.
 _TOKEN = re.compile(r"\s*(\(|\)|[xX]\s*\d+|[A-WYZa-wyz]+|\*|,)\s*")
 
 
@@ -21,7 +22,8 @@ def _tokenize(text: str) -> list[str]:
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
             raise ValueError(f"layout: cannot parse {text!r} at position {pos} ({text[pos:pos + 10]!r}); use "
-                             f"SE/MR/LI/MHA words or S/D/H/* symbols, '(...)xN' to repeat")
+                             f"{'/'.join(OPERATORS)} words or {'/'.join(LAYOUT_SYMBOLS)} symbols, '(...)xN' to "
+                             f"repeat")
         tokens.append(m.group(1).replace(" ", ""))
         pos = m.end()
     return [t for t in tokens if t != ","]
@@ -29,22 +31,24 @@ def _tokenize(text: str) -> list[str]:
 
 def _expand_word(tok: str) -> list[str]:
     up = tok.upper()
-    if up in _WORDS:
-        return [_WORDS[up]]
+    if up in LAYOUT_WORDS:
+        return [LAYOUT_WORDS[up]]
     ops = []
     for ch in up:  # compact pattern such as "SDH"
-        if ch not in _SYMBOLS:
+        if ch not in LAYOUT_SYMBOLS:
+            symbols = ", ".join(f"{sym} ({name})" for sym, name in LAYOUT_SYMBOLS.items())
             raise ValueError(f"layout: unknown operator symbol {ch!r} in {tok!r}; allowed words "
-                             f"{sorted(_WORDS)} or symbols S (SE), D (MR), H (LI), * (MHA)")
-        ops.append(_SYMBOLS[ch])
+                             f"{sorted(LAYOUT_WORDS)} or symbols {symbols}")
+        ops.append(LAYOUT_SYMBOLS[ch])
     return ops
 
 
 def parse_layout(layout: str | list[str] | tuple[str, ...]) -> list[str]:
     """Parse a layout into a list of operator names (``SE``, ``MR``, ``LI``, ``MHA``), one per layer.
 
-    Accepted forms: a list of words (``["SE", "MR", "LI", "MHA"]``), a string of words
-    (``"SE MR LI MHA"``), the compact pattern (``"SDH*"``: S=SE, D=MR, H=LI, *=MHA) and repeats with
+    Accepted forms: a list of words (``["SE", "MR", "LI", "MHA"]``; also each kind's aliases, see
+    :mod:`sh2.models.operators`), a string of words (``"SE MR LI MHA"``), the compact pattern (``"SDH*"``:
+    S=SE, D=MR, H=LI, *=MHA) and repeats with
     ``(...)xN`` or ``Xx N`` (``"(SDH)x2*"`` -> SE MR LI SE MR LI MHA; ``"Sx3"`` -> SE SE SE).
 
     Raises:
@@ -70,7 +74,7 @@ def parse_layout(layout: str | list[str] | tuple[str, ...]) -> list[str]:
             stack[-1].extend(last * (int(tok[1:]) - 1))
             last = []
         elif tok == "*":
-            last = ["MHA"]
+            last = [LAYOUT_SYMBOLS["*"]]
             stack[-1].extend(last)
         else:
             ops = _expand_word(tok)
@@ -95,13 +99,13 @@ def stripe_layout(num_layers: int, attn_layers: tuple[int, ...]) -> str:
 
 def layout_string(ops: list[str]) -> str:
     """The compact pattern of a parsed layout."""
-    inv = {v: k for k, v in _SYMBOLS.items()}
+    inv = {v: k for k, v in LAYOUT_SYMBOLS.items()}
     return "".join(inv[o] for o in ops)
 
 
 @dataclass
 class SH2Config:
-    """Configuration of a StripedHyena 2 model (SPEC section 1).
+    """Configuration of a StripedHyena 2 model (see docs/design.md, the model).
 
     Attributes:
         name: preset name or a free label.
@@ -170,8 +174,8 @@ class SH2Config:
                 raise bad(f, f"must be a positive integer, got {val!r}")
         if self.mlp_activation not in ("gelu", "evo2"):
             raise bad("mlp_activation", f"must be 'gelu' or 'evo2', got {self.mlp_activation!r}")
-        if self.mr_decay not in _DECAY_PRESETS:
-            raise bad("mr_decay", f"must be one of {sorted(_DECAY_PRESETS)}, got {self.mr_decay!r}")
+        if self.mr_decay not in MR_DECAY_PRESETS:
+            raise bad("mr_decay", f"must be one of {sorted(MR_DECAY_PRESETS)}, got {self.mr_decay!r}")
         if self.hidden_size % self.num_heads:
             raise bad("num_heads", f"{self.num_heads} heads do not divide hidden_size={self.hidden_size}")
         kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
@@ -234,14 +238,6 @@ class SH2Config:
         if transformer:
             values["layout"] = f"*x{values['num_layers']}"
         return cls.from_dict({**values, **overrides})
-
-
-_DECAY_PRESETS = {"weak": (1e-2, 1e2), "normal": (1e-1, 1e2), "strong": (1.0, 1e2)}
-
-
-def mr_decay_range(preset: str) -> tuple[float, float]:
-    """(slowest, fastest) decay rate of the MR preset."""
-    return _DECAY_PRESETS[preset]
 
 
 def _evo2(layers: int, width: int, heads: int, mlp: int, groups: int, attn: tuple[int, ...],

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from sh2 import kernels
-from sh2.models.config import mr_decay_range
+
+# (slowest, fastest) decay rate of each MR decay preset (SH2Config.mr_decay).
+MR_DECAY_PRESETS = {"weak": (1e-2, 1e2), "normal": (1e-1, 1e2), "strong": (1.0, 1e2)}
+
+
+def mr_decay_range(preset: str) -> tuple[float, float]:
+    """(slowest, fastest) decay rate of the MR preset."""
+    return MR_DECAY_PRESETS[preset]
 
 
 class ExplicitFilter(nn.Module):

@@ -8,16 +8,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sh2.models.attention import Attention
 from sh2.models.config import SH2Config
-from sh2.models.hyena import HyenaLI, HyenaMR, HyenaSE
 from sh2.models.layers import GatedMLP, RMSNorm
-
-MIXERS = {"SE": HyenaSE, "MR": HyenaMR, "LI": HyenaLI, "MHA": Attention}
+from sh2.models.mixer import Mixer
+from sh2.models.operators import mixer_class
 
 
 class SH2Block(nn.Module):
-    """``u = x + Mixer(norm_in(x)); out = u + MLP(norm_mlp(u))``."""
+    """``u = x + Mixer(norm_in(x)); out = u + MLP(norm_mlp(u))``.
+
+    ``operator`` is the layer's kind name (``config.operators[layer_idx]``); ``mixer`` is an instance of that
+    kind's :class:`~sh2.models.mixer.Mixer` class (see :mod:`sh2.models.operators`).
+    """
 
     def __init__(self, config: SH2Config, layer_idx: int) -> None:
         super().__init__()
@@ -26,7 +28,7 @@ class SH2Block(nn.Module):
         out_std = config.init_std / math.sqrt(2 * config.num_layers)
         use_gelu = config.mlp_activation == "gelu" or layer_idx == 0
         self.norm_in = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mixer = MIXERS[self.operator](config, out_std)
+        self.mixer: Mixer = mixer_class(self.operator)(config, out_std)
         self.norm_mlp = RMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.mlp_hidden_size, use_gelu, config.init_std, out_std)
 

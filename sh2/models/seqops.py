@@ -2,7 +2,11 @@
 
 Layers hold a :class:`SequenceOps` in their ``ops`` attribute and call it for everything that mixes
 along the sequence. The default runs on one process; ``sh2.strategies.parallelize`` swaps in
-context-parallel versions from outside, so the model never imports ``torch.distributed``.
+context-parallel versions from outside, so the model never imports ``torch.distributed``. Each operator kind
+names the method it mixes with (``kind.sequence_op``, see :mod:`sh2.models.operators`).
+
+The Hyena methods take the three streams ``q`` (post-gate), ``k`` (pre-gate) and ``v`` (value), ``[B, L, D]``,
+as the kernels do.
 """
 
 from __future__ import annotations

@@ -1,49 +1,30 @@
-"""Analytic model FLOPs (SPEC 4.4) and the measured bf16 matmul peak used for MFU.
+"""Analytic model FLOPs and the measured bf16 matmul peak used for MFU.
 
-Profilers count FFTs as zero and cannot see Triton kernels, so sh2 counts FLOPs from the shapes. A
-multiply-add is 2 FLOPs. Training costs 3x the forward pass (forward + backward for activations and
-weights); activation-checkpointing recomputation is not counted, as usual for MFU.
+Profilers count FFTs as zero and cannot see Triton kernels, so sh2 counts FLOPs from the shapes: each operator
+kind declares its mixer's FLOPs (``flops_per_token`` of its mixer class); this module adds the MLP, the LM
+head and the training factor. A multiply-add is 2 FLOPs. Training costs 3x the forward pass (forward +
+backward for activations and weights); activation-checkpointing recomputation is not counted, as usual for MFU.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from sh2.models.config import SH2Config
+from sh2.models.hyena import fft_conv_flops_per_token
+from sh2.models.operators import mixer_class
 
-# FLOPs of the pointwise work per channel and token in a Hyena operator: z = x2*v, skip add, gate.
-_GATE_FLOPS = 4
-
-
-def fft_conv_flops_per_token(seq_len: int) -> float:
-    """Per channel and token: a real FFT and an inverse real FFT of size 2L (2.5 N log2 N each) plus the
-    complex product of the spectra (6 FLOPs per bin). The filter's FFT is amortised over the batch."""
-    n = 2 * seq_len
-    return (2 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) / seq_len
+__all__ = ["fft_conv_flops_per_token", "layer_flops_per_token", "model_flops_per_token", "flops_breakdown",
+           "measure_bf16_peak_flops"]
 
 
 def layer_flops_per_token(config: SH2Config, operator: str, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token of one block, split by part."""
+    """Forward FLOPs per token of one block of kind ``operator``, split by part: the gated MLP and the
+    mixer's parts (declared by its kind, :meth:`~sh2.models.mixer.Mixer.flops_per_token`)."""
     D, F = config.hidden_size, config.mlp_hidden_size
-    parts: dict[str, float] = {"mlp": 3 * 2 * D * F}
-    if operator == "MHA":
-        hd = config.head_dim
-        parts["projections"] = 2 * D * (config.num_heads + 2 * config.kv_heads) * hd + 2 * D * D
-        # QK^T and PV over on average L/2 keys (causal halving): 2 * 2 * (L/2) * H * hd.
-        parts["mixer"] = 2 * seq_len * config.num_heads * hd
-    else:
-        parts["projections"] = 2 * D * 3 * D + 2 * D * D
-        parts["featurizer"] = 2 * 3 * D * config.featurizer_len
-        if operator == "SE":
-            parts["mixer"] = D * (2 * config.se_filter_len + _GATE_FLOPS)
-        elif operator == "MR":
-            parts["mixer"] = D * (2 * config.mr_filter_len + _GATE_FLOPS)
-        else:
-            parts["mixer"] = D * (fft_conv_flops_per_token(seq_len) + _GATE_FLOPS)
-    return parts
+    return {"mlp": 3 * 2 * D * F, **mixer_class(operator).flops_per_token(config, seq_len)}
 
 
 def model_flops_per_token(config: SH2Config, seq_len: int, training: bool = True) -> float:

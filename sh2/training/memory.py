@@ -10,13 +10,14 @@ How many GPUs does a 7B model need at 1M tokens? The estimate adds four parts (b
 - **activations**: ``T = batch * seq_len / cp`` tokens per GPU. With activation checkpointing: each block's
   input (``s D`` bytes per token and layer: bf16 under FSDP2 bf16 mixed precision, fp32 otherwise) plus the
   working set of recomputing and back-propagating one block, ``w D`` bytes per token, where ``w`` is the
-  largest coefficient of the block types in the layout; without checkpointing every block keeps its working
+  largest coefficient of the block kinds in the layout; without checkpointing every block keeps its working
   set. Plus the logits: bf16 and fp32 copies and their gradients (``12 V`` bytes per token).
 
-The coefficients were fitted to peak memory measured on H100/H200 at the 7B width (D = 4096, MLP 11264,
-bf16 autocast; ``docs/context_parallel.md``, ``docs/benchmarks.md``): ``w`` = 91.6 for a block with Hyena-LI
-(its fp32 FFT convolution), 49.7 for attention. Hyena-SE and -MR blocks were not measured alone; they are
-taken as attention's (same MLP, a lighter mixer). With the default CP schemes (LI ``a2a``) the exchange
+Each operator kind declares its coefficient ``w`` (``block_working_set`` of its mixer class,
+:mod:`sh2.models.operators`). They were fitted to peak memory measured on H100/H200 at the 7B width (D = 4096,
+MLP 11264, bf16 autocast; ``docs/context_parallel.md``, ``docs/benchmarks.md``): ``w`` = 91.6 for a block with
+Hyena-LI (its fp32 FFT convolution), 49.7 for attention. Hyena-SE and -MR blocks were not measured alone; they
+are taken as attention's (same MLP, a lighter mixer). With the default CP schemes (LI ``a2a``) the exchange
 buffers are within the fit's error and have no term; LI ``p2p_fft`` needs about twice the memory (measured)
 and is not modelled. The coefficients are fitted to eleven measured peaks (eight distinct configurations: 1-4
 GPUs, 32K-512K tokens, 4 and 8 layers), which the estimate reproduces within 8%
@@ -36,10 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from sh2.models.config import SH2Config
+from sh2.models.operators import mixer_class, mixer_classes
 
 GIB = 2**30
-# Working set (bytes per token per model channel) of recomputing + back-propagating one block, by block type.
-BLOCK_WORKING_SET = {"LI": 91.6, "MHA": 49.7, "SE": 49.7, "MR": 49.7}
 LOGIT_BYTES = 12  # per token and vocabulary entry: bf16 logits (2), fp32 copy (4), fp32 (4) and bf16 (2) gradients
 
 
@@ -106,11 +106,11 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
     gathered = block_params * (2 * s + 4) if sharded and shards > 1 else 0.0
     tokens = batch * seq_len / cp
     d = config.hidden_size
-    working = max(BLOCK_WORKING_SET[op] for op in config.operators)
+    working = [mixer_class(op).block_working_set(config) for op in config.operators]
     if activation_checkpointing:
-        activations = tokens * d * (s * config.num_layers + working)
+        activations = tokens * d * (s * config.num_layers + max(working))
     else:
-        activations = tokens * d * sum(BLOCK_WORKING_SET[op] for op in config.operators)
+        activations = tokens * d * sum(working)
     logits = tokens * config.vocab_size * LOGIT_BYTES
     return MemoryEstimate(states / GIB, gathered / GIB, activations / GIB, logits / GIB)
 
@@ -122,13 +122,17 @@ def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1,
     stops dividing ``seq_len``."""
     from sh2.strategies.cp_ops import CPConfig, validate_cp_settings
 
+    # The default FIR scheme (p2p) takes each chunk's first K - 1 inputs from the previous chunk: that halo
+    # must fit in one chunk of L / (2 cp) tokens.
+    windows = [cls.context_window(config) for cls in mixer_classes(config.operators) if cls.kind.sequence_op == "fir"]
+    halo = max(windows, default=1) - 1
     cp = 1
     while cp <= max_cp and (cp == 1 or seq_len % (2 * cp) == 0):
         try:
             if cp > 1:
                 validate_cp_settings(config, cp, CPConfig())
-                if "MR" in config.operators and seq_len // (2 * cp) < config.mr_filter_len - 1:
-                    return None  # the MR p2p halo must fit in one chunk; larger cp only shortens chunks
+                if seq_len // (2 * cp) < halo:
+                    return None  # larger cp only shortens chunks
         except ValueError:
             cp *= 2
             continue

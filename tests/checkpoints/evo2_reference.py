@@ -1,6 +1,6 @@
 """Test helpers: random Evo 2 checkpoints in the real formats and an independent float64 Vortex forward.
 
-Nothing here imports sh2: the forward below is written from the Vortex semantics (SPEC 1.1-1.4) so
+Nothing here imports sh2: the forward below is written from the Vortex semantics (listed below) so
 that the sh2 readers are checked against an independent oracle:
 
 - projection output channels are interleaved: channel ``3c + s`` is stream s, and Vortex names the

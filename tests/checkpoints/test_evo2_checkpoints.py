@@ -19,6 +19,7 @@ from sh2.checkpoints import (
 )
 from sh2.models import SH2Config, SH2Model
 from sh2.models.config import PRESETS
+from sh2.models.filters import DecayedFilter
 
 # fp32 model vs float64 oracle over 8 layers: rounding gives ~3e-6; the contract is 1e-5.
 TOL = 1e-5
@@ -284,3 +285,36 @@ def test_sharded_lightning_checkpoint_folder_of_fsdp2_and_cp_runs(tmp_path):
     (folder / "__0_0.distcp").write_bytes(b"")  # a lost shard is a CheckpointError naming the folder
     with pytest.raises(CheckpointError, match="sharded checkpoint"):
         load_pretrained(str(folder))
+
+
+def test_vortex_filter_orientation_and_d_term_follow_the_filter_length_not_the_operator():
+    # A 128-tap SE filter is causal in Vortex and has a (zero) D term; a 16-tap MR filter is conv1d-oriented and
+    # has none, so its skip must be zero to export.
+    config = SH2Config(hidden_size=32, num_layers=4, layout="SDH*", num_heads=2, mlp_hidden_size=48, se_groups=4,
+                       mr_groups=4, se_filter_len=128, mr_filter_len=16, mr_ref_len=64)
+    model = randomized_sh2_model(config)
+    with torch.no_grad():
+        model.blocks[1].mixer.skip.zero_()
+    state = model.state_dict()
+    vsd = sh2_to_vortex(config, state)
+    assert torch.equal(vsd["blocks.0.filter.h"][:, 0], state["blocks.0.mixer.filter.h"])  # causal: not flipped
+    assert torch.equal(vsd["blocks.0.filter.D"], torch.zeros(32))
+    assert "blocks.1.filter.D" not in vsd
+    decay = DecayedFilter(4, 16, "weak", 64).decay().double()
+    torch.testing.assert_close(vsd["blocks.1.filter.h"][:, 0].double(),
+                               (state["blocks.1.mixer.filter.h"].double() * decay).float().flip(-1).double())
+    back = vortex_to_sh2(config, vsd).materialize()
+    for key, value in state.items():
+        if key.endswith(("filter.p", "filter.gamma")):
+            continue
+        if key == "blocks.1.mixer.filter.h":  # decay folded in and out: fp32 rounding
+            torch.testing.assert_close(back[key], value, rtol=2e-7, atol=0)
+        else:
+            assert torch.equal(back[key], value), key
+    with torch.no_grad():
+        model.blocks[1].mixer.skip.fill_(1.0)
+    with pytest.raises(CheckpointError, match="shorter than 128 taps has no D term"):
+        sh2_to_vortex(config, model.state_dict())
+    vsd["blocks.0.filter.D"] = torch.ones(32)
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.filter\.D' is non-zero"):
+        vortex_to_sh2(config, vsd)

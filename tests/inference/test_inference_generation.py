@@ -7,8 +7,9 @@ import pytest
 import torch
 from inference_models import make_model
 
-import sh2.inference.cache as cache_mod
-from sh2.inference import alphabet_ids, decode_step, generate, li_prefill_state, prefill, sample_next
+import sh2.models.hyena as hyena_mod
+from sh2.inference import HyenaCache, alphabet_ids, decode_step, generate, li_prefill_state, prefill, sample_next
+from sh2.inference.cache import FIRState
 from sh2.models import SH2Config, SH2Model
 
 # Stepwise decoding reorders fp32 sums (FIR dot products, LI recurrence vs FFT): relative error ~1e-6.
@@ -64,20 +65,28 @@ def test_li_prefill_state_is_the_recurrence_computed_in_chunks(monkeypatch):
     s = torch.zeros(2, 8, 4, dtype=torch.float64)
     for t in range(50):
         s = torch.exp(log_poles) * s + z[:, t, :, None]
-    monkeypatch.setattr(cache_mod, "_LI_CHUNK_ELEMENTS", 8 * 4 * 7)  # 7-token chunks
+    monkeypatch.setattr(hyena_mod, "_LI_CHUNK_ELEMENTS", 8 * 4 * 7)  # 7-token chunks
     torch.testing.assert_close(li_prefill_state(z, log_poles), s, rtol=1e-12, atol=1e-12)
+
+
+def left_padded(lengths: tuple[int, ...], new_tokens: int, seed: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths``, their left-padded batch ``(ids, mask)`` and ``new_tokens`` tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 512, (n,), generator=g) for n in lengths]
+    new = torch.randint(2, 512, (len(lengths), new_tokens), generator=g)
+    L = max(lengths)
+    ids = torch.ones(len(lengths), L, dtype=torch.long)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    return prompts, ids, mask, new
 
 
 def test_left_padded_batch_matches_each_prompt_alone():
     model = make_model("SDH*SD")
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(2, 512, (n,), generator=g) for n in (20, 13, 5)]
-    new = torch.randint(2, 512, (3, 6), generator=g)
+    prompts, ids, mask, new = left_padded((20, 13, 5), 6, seed=4)
     L = 20
-    ids = torch.ones(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
     logits, cache = prefill(model, ids, mask, max_new_tokens=6)
     steps = [decode_step(model, new[:, t], cache) for t in range(6)]
     for i, p in enumerate(prompts):
@@ -85,6 +94,20 @@ def test_left_padded_batch_matches_each_prompt_alone():
             alone = model(torch.cat([p, new[i]])[None])[0]
         assert rel_err(logits[i, L - len(p):], alone[: len(p)]) < TOL
         assert rel_err(torch.stack([s[i] for s in steps]), alone[len(p):]) < TOL
+
+
+def test_selecting_samples_of_a_padded_batch_continues_them_unchanged():
+    model = make_model("SDH*SD")
+    prompts, ids, mask, new = left_padded((7, 12, 4), 4, seed=6)
+    _, cache = prefill(model, ids, mask, max_new_tokens=4)
+    decode_step(model, new[:, 0], cache)
+    keep = torch.tensor([2, 0])  # sample 1 finished
+    cache.select(keep)
+    steps = [decode_step(model, new[keep, t], cache) for t in range(1, 4)]
+    for row, i in enumerate(keep.tolist()):
+        with torch.no_grad():
+            alone = model(torch.cat([prompts[i], new[i]])[None])[0]
+        assert rel_err(torch.stack([s[row] for s in steps]), alone[len(prompts[i]) + 1:]) < TOL
 
 
 def test_generate_batches_prompts_of_different_lengths():
@@ -134,8 +157,9 @@ def test_hyena_caches_do_not_keep_prompt_length_tensors_alive():
     L = 257
     ids = torch.randint(0, 512, (1, L), generator=torch.Generator().manual_seed(5))
     _, cache = prefill(model, ids, max_new_tokens=1)
-    for layer in cache.layers:
-        for name in ("featurizer", "fir", "li"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    hyena = [layer for layer in cache.layers if isinstance(layer, HyenaCache)]
+    assert len(hyena) == 5
+    for layer in hyena:
+        inner = layer.filter.window if isinstance(layer.filter, FIRState) else layer.filter.s
+        for name, t in (("featurizer", layer.featurizer), ("filter", inner)):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name

@@ -8,7 +8,7 @@ from sh2.models.config import stripe_layout
 
 
 def expected_parameters(cfg: SH2Config) -> int:
-    """Parameter count derived from the shapes of SPEC section 1, independently of the model code."""
+    """Parameter count derived from the published shapes of each operator, independently of the model code."""
     D, F, V = cfg.hidden_size, cfg.mlp_hidden_size, cfg.vocab_size
     per_layer_common = 2 * D + 3 * D * F  # two RMSNorm scales + gated MLP
     hyena_common = 3 * D * D + 3 * D * cfg.featurizer_len + D * D + D  # in, featurizer, out (+bias)

@@ -61,7 +61,7 @@ def test_li_filter_matches_closed_form_and_recurrence():
     lam = torch.exp(-torch.exp(f.p) * torch.exp(f.gamma))  # per-token decay in (0, 1)
     assert ((lam > 0) & (lam < 1)).all()
     closed = torch.stack([(f.R * lam ** t).sum(-1) for t in range(L)], dim=-1)
-    # the filter is built in fp32 by design (SPEC 1.2): compare at fp32 rounding of terms of size |R| ~ 0.1
+    # the filter is built in fp32 by design: compare at fp32 rounding of terms of size |R| ~ 0.1
     torch.testing.assert_close(h.double(), closed, rtol=0, atol=1e-7)
     # recurrence s_n <- lam_n s_n + z_t ; y_t = sum_n R_n s_n equals the causal convolution with h
     z = torch.randn(3, L, dtype=torch.float64)
@@ -97,18 +97,18 @@ def test_rmsnorm_is_the_evo2_form():
 
 
 def test_hyena_block_equals_its_equations():
-    """Projection -> featurizer -> (x1, x2, v) -> x1 * (h * (x2 v) + D x2 v) -> out projection."""
+    """Projection -> featurizer -> (q, k, v) -> q * (h * (k v) + D k v) -> out projection."""
     model = small_model("D")
     mixer = model.blocks[0].mixer
     x = torch.randn(1, 20, 32, dtype=torch.float64)
     u = mixer.in_proj(x)
     w = mixer.short_filter
     feat = sum(w[:, s] * F.pad(u, (0, 0, s, 0))[:, :20] for s in range(w.shape[1]))
-    x1, x2, v = feat[..., :32], feat[..., 32:64], feat[..., 64:]
+    q, k, v = feat[..., :32], feat[..., 32:64], feat[..., 64:]  # stream-major rows: post-gate, pre-gate, value
     h = mixer.filter.weight().repeat_interleave(8, dim=0)
-    z = x2 * v
+    z = k * v
     conv = sum(h[:, s] * F.pad(z, (0, 0, s, 0))[:, :20] for s in range(h.shape[1]))
-    expected = mixer.out_proj(x1 * (conv + mixer.skip * z))
+    expected = mixer.out_proj(q * (conv + mixer.skip * z))
     torch.testing.assert_close(mixer(x), expected)
 
 

@@ -66,6 +66,13 @@ def test_smallest_cp_respects_the_model_and_the_sequence():
     assert smallest_cp(cfg, 24576, 4.0) is None  # would need cp = 64 > heads
     assert smallest_cp(cfg, 4 * 131071, 79.2) is None  # needs cp = 8, but 2 cp must divide the length
     assert smallest_cp(cfg, 131072, 1e6) == 1
+    # every FIR kind's halo counts: on a GPU that only cp = 32 fits, SE's K - 1 = 6 tokens do not fit the
+    # 4-token chunks of L = 256, while a 5-tap SE's 4 do
+    se = SH2Config.from_name("evo2_7b_1m", layout="S*S*", num_layers=4)
+    gpu = estimate_training_memory(se, 256, cp=32).total / 0.9 + 0.1
+    assert estimate_training_memory(se, 256, cp=16).total > 0.9 * gpu
+    assert smallest_cp(se.replace(se_filter_len=5), 256, gpu) == 32
+    assert smallest_cp(se, 256, gpu) is None
 
 
 def test_cli_prints_a_table_and_repeats_the_layout_for_layers(capsys):
