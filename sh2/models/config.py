@@ -103,6 +103,9 @@ def layout_string(ops: list[str]) -> str:
     return "".join(inv[o] for o in ops)
 
 
+LI_ALGORITHMS = ("modal", "fft")
+
+
 @dataclass
 class SH2Config:
     """Configuration of a StripedHyena 2 model (see docs/design.md, the model).
@@ -123,6 +126,9 @@ class SH2Config:
         se_groups: filter groups of Hyena-SE (channels per group = hidden_size // se_groups).
         mr_groups: filter groups of Hyena-MR.
         li_state_size: poles per channel of the Hyena-LI modal filter.
+        li_algorithm: how Hyena-LI is computed: ``modal`` (its exact recurrence, O(L D N); the default) or
+            ``fft`` (an fp32 FFT convolution with the materialised filter). The same operator and parameters;
+            see docs/design.md, "Hyena-LI as a recurrence".
         mr_decay: MR decay preset, ``weak`` (1e-2..1e2), ``normal`` (1e-1..1e2) or ``strong`` (1..1e2).
         mr_ref_len: T_ref of the MR decay (a constant, independent of the batch length).
         norm_eps: RMSNorm epsilon (added outside the root).
@@ -150,6 +156,7 @@ class SH2Config:
     se_groups: int = 16
     mr_groups: int = 16
     li_state_size: int = 16
+    li_algorithm: str = "modal"
     mr_decay: str = "weak"
     mr_ref_len: int = 8192
     norm_eps: float = 1e-6
@@ -174,6 +181,8 @@ class SH2Config:
                 raise bad(f, f"must be a positive integer, got {val!r}")
         if self.mlp_activation not in ("gelu", "evo2"):
             raise bad("mlp_activation", f"must be 'gelu' or 'evo2', got {self.mlp_activation!r}")
+        if self.li_algorithm not in LI_ALGORITHMS:
+            raise bad("li_algorithm", f"must be one of {LI_ALGORITHMS}, got {self.li_algorithm!r}")
         if self.mr_decay not in MR_DECAY_PRESETS:
             raise bad("mr_decay", f"must be one of {sorted(MR_DECAY_PRESETS)}, got {self.mr_decay!r}")
         if self.hidden_size % self.num_heads:

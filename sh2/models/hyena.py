@@ -7,7 +7,8 @@ throughout. The kinds differ in the filter h:
 
 - :class:`HyenaSE`: short explicit grouped filters (K = 7), no Dskip: FIR.
 - :class:`HyenaMR`: medium grouped filters (K = 128) with a fixed exponential decay, Dskip: FIR.
-- :class:`HyenaLI`: one modal filter per channel, as long as the sequence, Dskip: an FFT convolution.
+- :class:`HyenaLI`: one modal filter per channel, as long as the sequence, Dskip: its exact recurrence (or an
+  FFT convolution, ``li_algorithm: fft``).
 
 Stream order. Evo 2 interleaves the three streams (projected channel ``3c + p`` is stream p). sh2 stores the
 projection rows and featurizer taps *stream-major* instead (rows ``p*D + c``) so the three streams are plain
@@ -317,8 +318,11 @@ class HyenaLI(HyenaOperator):
     """Hyena-LI: long implicit filters (modal, one per channel, as long as the sequence); Dskip.
 
     The filter is ``h[c, t] = sum_n R[c, n] * lambda[c, n]^t``, so the convolution has an exact recurrence
-    (see the module docstring). Training, scoring and prefill run it as an fp32 FFT convolution
-    (:meth:`SequenceOps.long_conv <sh2.models.seqops.SequenceOps.long_conv>`); decoding runs the recurrence.
+    (see the module docstring). With ``li_algorithm: modal`` (the default) training, scoring and prefill run
+    that recurrence (:meth:`SequenceOps.modal_conv <sh2.models.seqops.SequenceOps.modal_conv>`), and prefill hands
+    its final state to decoding; with ``fft`` they run an fp32 FFT convolution with the materialised filter
+    (:meth:`SequenceOps.long_conv <sh2.models.seqops.SequenceOps.long_conv>`). Decoding always steps the
+    recurrence.
     """
 
     kind = OperatorKind(
@@ -338,17 +342,27 @@ class HyenaLI(HyenaOperator):
     def make_filter(self, config: SH2Config) -> nn.Module:
         return ModalFilter(config.hidden_size, config.li_state_size)
 
+    def __init__(self, config: SH2Config, out_std: float) -> None:
+        super().__init__(config, out_std)
+        self.algorithm = config.li_algorithm
+
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.algorithm == "modal":
+            return self.ops.modal_conv(q, k, v, self.filter.log_poles(), self.filter.residues(), self.skip)
         return self.ops.long_conv(q, k, v, self.filter.log_poles(), self.filter.residues(), self.skip)
 
     def mix_with_state(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ModalState]:
-        # The FFT convolution does not produce the recurrent state, so it is reduced from z separately, in
-        # chunks; a kernel that runs the recurrence itself returns it with the output.
-        y = self.mix(q, k, v)
         cd = compute_dtype(q.dtype)
         log_poles = self.filter.log_poles().to(cd)
+        residues = self.filter.residues().to(cd)
+        if self.algorithm == "modal":  # the recurrence hands its final state to decoding
+            y, s = self.ops.modal_conv(q, k, v, self.filter.log_poles(), self.filter.residues(), self.skip,
+                                       return_state=True)
+            return y, ModalState(s.to(cd), torch.exp(log_poles), residues)
+        # The FFT convolution does not produce the recurrent state: it is reduced from z separately, in chunks.
+        y = self.mix(q, k, v)
         z = k.to(cd) * v.to(cd)
-        return y, ModalState(li_prefill_state(z, log_poles), torch.exp(log_poles), self.filter.residues().to(cd))
+        return y, ModalState(li_prefill_state(z, log_poles), torch.exp(log_poles), residues)
 
     def filter_step(self, z: torch.Tensor, state: ModalState) -> torch.Tensor:
         state.s = state.lam * state.s + z[..., None]
@@ -356,9 +370,14 @@ class HyenaLI(HyenaOperator):
 
     @classmethod
     def filter_flops_per_channel(cls, config: SH2Config, seq_len: int) -> float:
+        if config.li_algorithm == "modal":  # per pole: the state update and the readout, a multiply-add each
+            return 4 * config.li_state_size
         return fft_conv_flops_per_token(seq_len)
 
     @classmethod
     def block_working_set(cls, config: SH2Config) -> float:
+        if config.li_algorithm == "modal":
+            # The recurrence keeps no fp32 sequence-length buffers: like an SE/MR block (see HyenaOperator).
+            return super().block_working_set(config)
         # Measured at the 7B width (H100/H200, bf16 autocast): the fp32 FFT convolution dominates.
         return 91.6

@@ -35,6 +35,17 @@ class SequenceOps:
         h = kernels.modal_filter(log_poles, residues, q.shape[1])
         return kernels.gated_fft_conv(q, k, v, h, bias)
 
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None, return_state: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Hyena-LI by its modal recurrence (optionally with the final ``[B, D, N]`` state, for decoding).
+
+        ``log_poles`` come from the model's ``-exp(p) exp(gamma)`` parametrisation, which keeps them <= 0, so the
+        kernel's value check (a host synchronisation) is skipped.
+        """
+        return kernels.gated_modal_conv(q, k, v, log_poles, residues, bias, return_state=return_state,
+                                        check_values=False)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention on ``[B, L, H, hd]`` (k, v may have fewer heads: GQA)."""
         if k.shape[2] != q.shape[2]:

@@ -75,6 +75,22 @@ def test_li_filter_matches_closed_form_and_recurrence():
     torch.testing.assert_close(rec, conv, rtol=0, atol=1e-7)  # h is fp32 (see above)
 
 
+def test_li_algorithms_modal_and_fft_are_the_same_model():
+    """li_algorithm only changes how LI is computed: same parameters, same logits and gradients (float64)."""
+    modal = small_model("SDH*H", li_algorithm="modal")
+    fft = SH2Model(modal.config.replace(li_algorithm="fft")).double()
+    fft.load_state_dict(modal.state_dict())
+    ids = torch.randint(0, 512, (2, 70), generator=torch.Generator().manual_seed(3))
+    out_m, out_f = modal(ids), fft(ids)
+    torch.testing.assert_close(out_m, out_f, rtol=1e-10, atol=1e-10)
+    out_m.square().mean().backward()
+    out_f.square().mean().backward()
+    for (name, a), b in zip(modal.named_parameters(), fft.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="SH2Config.li_algorithm: must be one of"):
+        modal.config.replace(li_algorithm="scan")
+
+
 def test_evo2_activation_policy_gelu_only_in_layer_zero():
     model = small_model("SDH*", mlp_activation="evo2")
     assert [b.mlp.use_gelu for b in model.blocks] == [True, False, False, False]
