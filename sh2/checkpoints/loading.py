@@ -14,7 +14,8 @@ strategy write) is read as ``lightning``: its model weights only, in one process
 checkpoint folder (ZeRO 1-3; its fp32 weights gathered with DeepSpeed's ``zero_to_fp32``, which needs the
 ``deepspeed`` package and ``trust_pickle``).
 
-sh2 weights exported as safetensors (:mod:`sh2.checkpoints.safetensors_file`) are read as ``sh2``.
+sh2 weights exported as safetensors (:mod:`sh2.checkpoints.safetensors_file`) are read as ``sh2``, and a Hugging
+Face repo id is first resolved to its files in the local cache (:mod:`sh2.checkpoints.hub`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from sh2.checkpoints.files import (
     load_distributed_checkpoint,
     load_file,
 )
+from sh2.checkpoints.hub import resolve_hub_checkpoint
 from sh2.checkpoints.safetensors_file import is_safetensors_checkpoint, read_safetensors
 from sh2.checkpoints.savanna import find_savanna_file, read_savanna
 from sh2.checkpoints.state import LazyStateDict, _outside_zero_init, as_lazy, check_state, expected_shapes
@@ -135,6 +137,9 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
         ``(config, state, format)``; config is None only for a plain state dict without config when none
         was passed.
     """
+    hub = resolve_hub_checkpoint(path)  # a Hugging Face repo id: its files in the local cache (sh2/checkpoints/hub.py)
+    if hub is not None:
+        path, vortex_config = hub.path, vortex_config if vortex_config is not None else hub.vortex_config
     if is_distributed_checkpoint(path):  # sharded Lightning checkpoint (FSDP2 / context-parallel runs)
         file, is_savanna_dir = Path(path), False
         obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
