@@ -18,6 +18,7 @@ Pieces (all configurable from YAML):
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -284,7 +285,8 @@ class PredictionWriter(BasePredictionWriter):
         sink, self._sink = self._sink, None
         paths = sink.close()
         where = ", ".join(str(p.resolve()) for p in paths)
-        print(f"[sh2] predictions: {sink.count} records written to {where}", flush=True)
+        sys.stdout.write(f"[sh2] predictions: {sink.count} records written to {where}\n")  # one write per rank
+        sys.stdout.flush()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._sink is not None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -166,3 +170,48 @@ def test_output_formats_that_cannot_hold_the_task_are_refused_at_once(output, ta
 def test_unknown_dtype_is_named():
     with pytest.raises(ValueError, match=r"prediction\.dtype must be one of \('float32', 'float16', 'bfloat16'\)"):
         PredictDataModule(dtype="fp8")
+
+
+_DDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import lightning as L
+from inference_models import make_model
+from sh2.inference.predict import PredictDataModule, PredictionWriter, predict_batch
+
+class Wrapper(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = make_model("SDH*")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return predict_batch(self.model, batch)
+
+if __name__ == "__main__":
+    for out, kw in [({out!r} + "/v.tsv", dict(task="variants", window_size=64, batch_size=2)),
+                    ({out!r} + "/e.npy", dict(task="embed", path={fasta!r}, max_length=40, batch_size=4))]:
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, callbacks=[PredictionWriter(out)])
+        trainer.predict(Wrapper(), datamodule=PredictDataModule(output=out, **kw), return_predictions=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_write_rank_files_that_together_hold_every_record(tmp_path):
+    from importlib.resources import files
+
+    fasta = str(files("sh2.data") / "samples" / "phage_genomes.fasta.gz")
+    script = tmp_path / "ddp_predict.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), fasta=fasta))
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("\t") for r in (0, 1) for line in (tmp_path / f"v.rank{r}.tsv").read_text().splitlines()[1:]]
+    assert sorted((r[2], r[4]) for r in rows) == sorted([("snv1", "T"), ("snv2", "G"), ("snv3", "G"), ("snv4", "T"),
+                                                         ("ins1", "TTTA"), ("del1", "A"), ("multi1", "A"),
+                                                         ("multi1", "C"), ("multi1", "T"), ("del_end", "T"),
+                                                         ("snv5", "C")])
+    arrays = [np.load(tmp_path / f"e.rank{r}.npy") for r in (0, 1)]
+    ids = [line.split("\t")[0] for r in (0, 1) for line in (tmp_path / f"e.rank{r}.tsv").read_text().splitlines()[1:]]
+    assert [a.shape for a in arrays] == [(28, 32), (28, 32)] and len(set(ids)) == 56
+    assert "records written to" in res.stdout and "e.rank1.npy" in res.stdout
