@@ -15,27 +15,18 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from inference_models import make_model
+from inference_models import PredictWrapper, make_model
 
 from sh2.inference import score_sequences
 from sh2.inference.outputs import check_output
-from sh2.inference.predict import PredictDataModule, PredictionWriter, predict_batch
+from sh2.inference.predict import PredictDataModule, PredictionWriter
 
 SEQS = {"a": "ACGTTGCAAGTACGT", "b": "GGA", "c": "TTTACGCGATCGATCGAAC", "d": "ACCA", "e": "GATTACAGATTACA"}
 
 
-class _Wrapper(L.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        return predict_batch(self.model, batch)
-
-
 @pytest.fixture(scope="module")
 def module():
-    return _Wrapper(make_model("SDH*", seed=5))
+    return PredictWrapper(make_model("SDH*", seed=5))
 
 
 @pytest.fixture
@@ -176,23 +167,16 @@ _DDP_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import lightning as L
-from inference_models import make_model
-from sh2.inference.predict import PredictDataModule, PredictionWriter, predict_batch
-
-class Wrapper(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = make_model("SDH*")
-
-    def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        return predict_batch(self.model, batch)
+from inference_models import PredictWrapper, make_model
+from sh2.inference.predict import PredictDataModule, PredictionWriter
 
 if __name__ == "__main__":
     for out, kw in [({out!r} + "/v.tsv", dict(task="variants", window_size=64, batch_size=2)),
                     ({out!r} + "/e.npy", dict(task="embed", path={fasta!r}, max_length=40, batch_size=4))]:
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, callbacks=[PredictionWriter(out)])
-        trainer.predict(Wrapper(), datamodule=PredictDataModule(output=out, **kw), return_predictions=False)
+        trainer.predict(PredictWrapper(make_model("SDH*")), datamodule=PredictDataModule(output=out, **kw),
+                        return_predictions=False)
 """
 
 

@@ -8,12 +8,12 @@ import random
 import lightning as L
 import pytest
 import torch
-from inference_models import make_model
+from inference_models import PredictWrapper, make_model
 from torch.utils.data import DataLoader
 
 from sh2.data.fasta_index import IndexedFasta
 from sh2.inference import encode, reverse_complement
-from sh2.inference.predict import PredictDataModule, PredictionWriter, predict_batch
+from sh2.inference.predict import PredictDataModule, PredictionWriter
 from sh2.inference.variants import (
     Variant,
     VariantBatches,
@@ -103,15 +103,6 @@ def test_chromosome_shorter_than_the_window_is_scored_whole(tmp_path):
     assert win.start == 0 and win.ref == seqs["chr3"] and win.alt == alt_chromosome(seqs["chr3"], v)
 
 
-class _Wrapper(L.LightningModule):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        return predict_batch(self.model, batch)
-
-
 def loglik(model, seq: str) -> float:
     """Sum of log p(token | prefix) over tokens 2..n by a direct forward (not the scoring code)."""
     ids = torch.tensor([encode(seq)])
@@ -133,7 +124,7 @@ def test_deltas_equal_the_difference_of_directly_scored_windows(tmp_path):
     rows = [("chr1", 60, "a", s[59], "G" if s[59] != "G" else "T"), ("chr1", 100, "b", s[99], s[99] + "TTG"),
             ("chr1", 140, "c", s[139:144], s[139]), ("chr1", 60, "d", s[59], "C" if s[59] != "C" else "A")]
     vcf = write_vcf(tmp_path / "v.vcf", rows)
-    module = _Wrapper(make_model("SDH*", seed=3))
+    module = PredictWrapper(make_model("SDH*", seed=3))
     run_predict(module, tmp_path / "out" / "deltas.tsv", path=str(vcf), reference=str(path), window_size=W,
                 batch_size=3, reverse_complement=True)
     lines = (tmp_path / "out" / "deltas.tsv").read_text().splitlines()
@@ -236,3 +227,23 @@ def test_prediction_settings_for_variants_are_named():
         PredictDataModule(task="variants", path="v.vcf")
     with pytest.raises(ValueError, match=r"prediction\.output='v\.npy': a \.npy holds pooled embeddings"):
         PredictDataModule(task="variants", output="v.npy")
+
+
+def test_evo2_variants_yaml_in_the_docs_parses(tmp_path):
+    from pathlib import Path
+
+    from sh2.cli import SH2CLI
+    from sh2.data.datamodule import SH2DataModule
+    from sh2.training.module import SH2LightningModule
+
+    class ParseOnly(SH2CLI):
+        def instantiate_classes(self) -> None:  # validate types only: the GPU config builds nothing here
+            pass
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "genomics.md").read_text()
+    block = text.split("# variants_evo2_7b.yaml\n", 1)[1].split("```", 1)[0]
+    cfg = tmp_path / "variants_evo2_7b.yaml"
+    cfg.write_text(block)
+    cli = ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(cfg)])
+    assert cli.config["prediction"]["task"] == "variants" and cli.config["prediction"]["window_size"] == 8192
+    assert cli.config["model"]["init_from"] == "arcinstitute/evo2_7b"
