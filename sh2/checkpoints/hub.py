@@ -17,7 +17,7 @@ Resolution (:func:`resolve_hub_checkpoint`):
    looked up there when offline.
 3. Byte shards are joined once by :func:`sh2.checkpoints.files.assemble_shards` into
    ``$HF_HOME/sh2/assembled/ORG--NAME/COMMIT/NAME.pt`` (the cache's snapshot folders stay as the Hub wrote
-   them). A file already merged by the evo2 package (``$HF_HOME/NAME.pt``) is used when the shards are gone.
+   them).
 4. The config: an evo2 YAML in the repo (the names :func:`sh2.checkpoints.vortex.find_vortex_yaml` looks
    for), else a ``config.json`` with Vortex fields, else the sh2 preset of a released Evo 2 model (by repo
    name, as the evo2 package maps them), else the shapes (see :func:`sh2.checkpoints.vortex_config.infer_config`).
@@ -128,10 +128,10 @@ def _offline() -> bool:
 
 
 def _not_available(ref: HubRef, cache: Path, why: str) -> CheckpointError:
-    local = f"; no local file or folder {ref.repo_id!r} exists either" if "/" in ref.repo_id else ""
+    name = ref.repo_id + (f":{ref.filename}" if ref.filename else "")
     return CheckpointError(
-        f"Hugging Face repo {ref.repo_id}{':' + ref.filename if ref.filename else ''} is not in the cache {cache} "
-        f"and {why}{local}. Fill the cache where there is network, with the same HF_HOME (or HF_HUB_CACHE): "
+        f"Hugging Face repo {name} is not in the cache {cache} and {why}; no local file or folder {ref.repo_id!r} "
+        f"exists either. Fill the cache where there is network, with the same HF_HOME (or HF_HUB_CACHE): "
         f"`{ref.download_command()}` (older huggingface_hub: `huggingface-cli download {ref.repo_id}`), or "
         f"download the files and set model.init_from to the local checkpoint")
 
@@ -259,14 +259,7 @@ def resolve_hub_checkpoint(spec: str | os.PathLike) -> HubCheckpoint | None:
     files, cached_only = _list_files(ref, cache, _offline())
     name, wanted = _choose(ref, files)
     configs = [f for f in files if "/" not in f and (f.endswith((".yml", ".yaml")) or f == "config.json")]
-    try:
-        local = [_fetch(ref, f, cache, cached_only) for f in wanted]
-    except CheckpointError:
-        merged = _hf_home() / name  # where the evo2 package leaves a merged file (and deletes the shards)
-        if not (name and wanted != [name] and merged.is_file()):
-            raise
-        log.info("%s: using %s (shards merged by the evo2 package)", ref.repo_id, merged)
-        local = [merged]
+    local = [_fetch(ref, f, cache, cached_only) for f in wanted]
     snapshot = local[0].parent
     for f in configs:
         if f not in wanted:
