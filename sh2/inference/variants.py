@@ -42,7 +42,8 @@ __all__ = ["Variant", "VariantError", "VariantBatches", "VariantWindows", "check
 
 _ALLELE = re.compile(r"^[ACGTNRYKMSWBDHVacgtnrykmswbdhv]+$")
 _TSV_NAMES = {"chrom": ("chrom", "chr", "chromosome", "#chrom", "seqname", "contig"),
-              "pos": ("pos", "position", "start"), "ref": ("ref", "reference"), "alt": ("alt", "alternate"),
+              "pos": ("pos", "position"),  # not "start": BED-style starts are 0-based
+              "ref": ("ref", "reference"), "alt": ("alt", "alternate"),
               "id": ("id", "name", "variant", "variant_id")}
 VARIANT_COLUMNS = ("chrom", "pos", "id", "ref", "alt", "window_start", "ref_len", "alt_len", "ref_logprob_sum",
                    "alt_logprob_sum", "delta", "delta_mean")
@@ -73,6 +74,7 @@ class Variant:
     source: str = ""
 
     def describe(self) -> str:
+        """``FILE line N (CHROM:POS REF>ALT)``: how errors name the variant."""
         return f"{self.source} ({self.chrom}:{self.pos} {self.ref}>{self.alt})"
 
 
