@@ -13,6 +13,9 @@ A sharded Lightning checkpoint folder (``torch.distributed.checkpoint``, what FS
 strategy write) is read as ``lightning``: its model weights only, in one process. So is a Lightning DeepSpeed
 checkpoint folder (ZeRO 1-3; its fp32 weights gathered with DeepSpeed's ``zero_to_fp32``, which needs the
 ``deepspeed`` package and ``trust_pickle``).
+
+sh2 weights exported as safetensors (:mod:`sh2.checkpoints.safetensors_file`) are read as ``sh2``, and a Hugging
+Face repo id is first resolved to its files in the local cache (:mod:`sh2.checkpoints.hub`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from sh2.checkpoints.files import (
     load_distributed_checkpoint,
     load_file,
 )
+from sh2.checkpoints.hub import resolve_hub_checkpoint
+from sh2.checkpoints.safetensors_file import is_safetensors_checkpoint, read_safetensors
 from sh2.checkpoints.savanna import find_savanna_file, read_savanna
 from sh2.checkpoints.state import LazyStateDict, _outside_zero_init, as_lazy, check_state, expected_shapes
 from sh2.checkpoints.vortex import find_vortex_yaml, read_vortex
@@ -132,9 +137,15 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
         ``(config, state, format)``; config is None only for a plain state dict without config when none
         was passed.
     """
+    hub = resolve_hub_checkpoint(path)  # a Hugging Face repo id: its files in the local cache (sh2/checkpoints/hub.py)
+    if hub is not None:
+        path, vortex_config = hub.path, vortex_config if vortex_config is not None else hub.vortex_config
     if is_distributed_checkpoint(path):  # sharded Lightning checkpoint (FSDP2 / context-parallel runs)
         file, is_savanna_dir = Path(path), False
         obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
+    elif is_safetensors_checkpoint(path):  # sh2 weights exported as safetensors (file, or folder + config.json)
+        file, is_savanna_dir = Path(path), False
+        obj = read_safetensors(file)
     elif deepspeed_checkpoint_tag(path, trust_pickle) is not None:  # Lightning DeepSpeed run (ZeRO 1-3)
         file, is_savanna_dir = Path(path), False
         obj = load_deepspeed_checkpoint(file, trust_pickle=trust_pickle)

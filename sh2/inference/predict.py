@@ -1,21 +1,25 @@
-"""The prediction path of ``sh2 predict``: a sequence file in, per-sequence scores/embeddings/generations out.
+"""The prediction path of ``sh2 predict``: a sequence or variant file in, one record per item out.
 
 Pieces (all configurable from YAML):
 
 - :class:`PredictDataModule`: reads a FASTA (plain or compressed; via :func:`sh2.data.sources.read_fasta`)
   or a text file (one sequence per line) and yields batches ``{"ids", "sequences", "options"}``; the
-  options say what to compute (``task``: ``score``, ``embed`` or ``generate``, and their settings).
-- :func:`predict_batch`: what ``SH2LightningModule.predict_step`` returns: one JSON-friendly record per
-  sequence.
-- :class:`PredictionWriter`: a Lightning ``BasePredictionWriter`` writing the records to ``.jsonl`` (one
-  line per sequence, written as batches finish) or ``.pt`` (a list of records saved at the end). With
-  several processes each rank writes ``NAME.rankR.EXT``.
+  options say what to compute (``task``: ``score``, ``embed``, ``generate`` or ``variants``, and their
+  settings). For ``variants`` it reads a VCF or TSV plus a reference FASTA instead
+  (:class:`sh2.inference.variants.VariantBatches`).
+- :func:`predict_batch`: what ``SH2LightningModule.predict_step`` returns: one record per sequence or
+  variant.
+- :class:`PredictionWriter`: a Lightning ``BasePredictionWriter`` that writes the records batch by batch
+  in the format of the output's suffix (``.jsonl``, ``.tsv``, ``.parquet``, ``.npy``, ``.safetensors``, or
+  ``.pt`` kept in memory until the end; see :mod:`sh2.inference.outputs`) and prints the path at the end.
+  With several processes each rank writes ``NAME.rankR.EXT``.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -27,9 +31,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from sh2.inference.generation import generate
+from sh2.inference.outputs import check_output, open_sink
 from sh2.inference.scoring import score_sequences
 
-TASKS = ("score", "embed", "generate")
+TASKS = ("score", "embed", "generate", "variants")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAMPLE_VARIANTS = "phage_variants.vcf"  # with the built-in phage genomes as reference
 _FASTA_SUFFIXES = (".fasta", ".fa", ".fna", ".ffn", ".frn", ".fas", ".fsa")
 
 
@@ -82,12 +89,17 @@ def _tolist(t: torch.Tensor) -> list:
 def predict_batch(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[str, Any]]:
     """Records for one batch of :class:`PredictDataModule` (what ``predict_step`` should return).
 
-    ``score``: ``length``, ``logprob_sum``, ``logprob_mean`` (+ ``logprob_sum_rc``, ``token_logprobs``);
-    ``embed``: the same plus ``embeddings`` ``{layer: vector or per-token matrix}``; ``generate``:
-    ``prompt``, ``generated``, ``logprobs``.
+    ``score``: ``length``, ``logprob_sum``, ``logprob_mean`` (+ ``logprob_sum_rc``, ``token_logprobs``
+    ``[n - 1]`` float32 tensor); ``embed``: the same plus ``embeddings`` ``{layer: [D] or per-token [n, D]
+    tensor}`` in the ``dtype`` option; ``generate``: ``prompt``, ``generated``, ``logprobs``; ``variants``:
+    the rows of :func:`sh2.inference.variants.score_variant_batch`.
     """
     opts = dict(batch.get("options") or {})
     task = opts.pop("task", "score")
+    if task == "variants":
+        from sh2.inference.variants import score_variant_batch
+
+        return score_variant_batch(model, batch)
     ids, seqs = batch["ids"], batch["sequences"]
     if task == "generate":
         out = generate(model, seqs, max_new_tokens=opts.get("max_new_tokens", 100),
@@ -108,54 +120,103 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[st
         if sc.logprob_sum_rc is not None:
             rec["logprob_sum_forward"], rec["logprob_sum_rc"] = sc.logprob_sum_forward, sc.logprob_sum_rc
         if sc.token_logprobs is not None:
-            rec["token_logprobs"] = _tolist(sc.token_logprobs)
+            rec["token_logprobs"] = sc.token_logprobs.float()
         if sc.embeddings:
-            rec["embeddings"] = {str(k): v for k, v in sc.embeddings.items()}
+            dtype = DTYPES[opts.get("dtype") or "float32"]
+            rec["embeddings"] = {str(k): v.to(dtype) for k, v in sc.embeddings.items()}
         records.append(rec)
     return records
 
 
 class PredictDataModule(L.LightningDataModule):
-    """Sequences to predict on, and what to compute for them.
+    """Sequences (or variants) to predict on, and what to compute for them.
 
     Args:
-        path: FASTA (``.fa/.fasta/.fna``..., optionally compressed) or text file, one sequence per line.
-        output: where ``sh2 predict`` writes the records (``.jsonl`` or ``.pt``, see :class:`PredictionWriter`).
-        task: ``score`` (log-probabilities), ``embed`` (scores + hidden states) or ``generate``.
-        batch_size: sequences per batch (right-padded for scoring, left-padded for generation).
+        path: FASTA (``.fa/.fasta/.fna``..., optionally compressed) or text file, one sequence per line; for
+            ``task: variants``, a VCF (plain, ``.gz`` or bgzip) or TSV ``chrom, pos, ref, alt``.
+        output: where ``sh2 predict`` writes the records; the suffix picks the format (``.jsonl``, ``.tsv``,
+            ``.parquet``, ``.npy``, ``.safetensors``, ``.pt``; see :mod:`sh2.inference.outputs`).
+        task: ``score`` (log-probabilities), ``embed`` (scores + hidden states), ``generate`` or ``variants``
+            (log-likelihood change of each variant in its window of the reference).
+        batch_size: sequences (variants) per batch (right-padded for scoring, left-padded for generation).
         max_length: truncate sequences to this many characters.
         uppercase: upper-case sequences before tokenizing (Evo 2 was trained on upper case).
-        reverse_complement: score: average with the reverse complement's score.
+        reverse_complement: score, variants: average with the reverse complement's score.
         per_token: score: also output per-token log-probabilities.
         layers: embed: block indices whose outputs are returned (default ``[-1]``).
         pool: embed: ``mean``, ``last`` or ``none`` (per-token).
+        dtype: embed: ``float32``, ``float16`` or ``bfloat16`` for the embeddings written.
         max_new_tokens: generate: tokens per prompt.
         temperature: generate: sampling temperature (0 = greedy).
         top_k: generate: top-k filter (0 = off).
         top_p: generate: nucleus filter (1 = off).
         alphabet: generate: restrict sampling to these characters (e.g. ``ACGT``).
         seed: generate: sampling seed.
+        reference: variants: the reference FASTA (indexed on first use, see
+            :class:`sh2.data.fasta_index.IndexedFasta`). With ``path`` and ``reference`` both unset, the
+            built-in sample variants on the built-in phage genomes are scored.
+        window_size: variants: bases per scored window (centred on the variant).
         num_workers: DataLoader workers.
     """
 
     def __init__(self, path: str | None = None, output: str = "predictions.jsonl", task: str = "score",
                  batch_size: int = 8, max_length: int | None = None,
                  uppercase: bool = True, reverse_complement: bool = False, per_token: bool = False,
-                 layers: list[int] | None = None, pool: str = "mean", max_new_tokens: int = 100,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, alphabet: str | None = None,
-                 seed: int | None = None, num_workers: int = 0) -> None:
+                 layers: list[int] | None = None, pool: str = "mean", dtype: str = "float32",
+                 max_new_tokens: int = 100, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 alphabet: str | None = None, seed: int | None = None, reference: str | None = None,
+                 window_size: int = 8192, num_workers: int = 0) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"prediction.task must be one of {TASKS}, got {task!r}")
         if batch_size < 1:
             raise ValueError(f"prediction.batch_size must be >= 1, got {batch_size}")
+        if dtype not in DTYPES:
+            raise ValueError(f"prediction.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if window_size < 2:
+            raise ValueError(f"prediction.window_size must be >= 2 bases, got {window_size}")
+        check_output(output, task, pool, dtype, per_token)
+        if task == "variants" and (path is None) != (reference is None):
+            missing = "reference" if reference is None else "path"
+            raise ValueError(f"prediction.{missing} is not set: task variants needs both the variant file "
+                             f"(prediction.path: VCF or TSV) and the reference FASTA (prediction.reference); "
+                             f"leave both unset for the built-in phage example")
         self.path, self.batch_size, self.max_length, self.num_workers = path, batch_size, max_length, num_workers
-        self.output = output
+        self.output, self.task, self.reference, self.window_size = output, task, reference, window_size
         self.options = dict(task=task, uppercase=uppercase, reverse_complement=reverse_complement,
-                            per_token=per_token, layers=layers, pool=pool, max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_k=top_k, top_p=top_p, alphabet=alphabet, seed=seed)
+                            per_token=per_token, layers=layers, pool=pool, dtype=dtype,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            alphabet=alphabet, seed=seed)
+        self._variants: Any = None
+
+    def setup(self, stage: str) -> None:
+        """For ``variants``: index the reference and check every record now, before the model is loaded."""
+        if self.task == "variants" and self._variants is None:
+            self._variants = self._variant_batches()
+
+    def _variant_batches(self) -> Any:
+        from sh2.inference.variants import VariantBatches
+
+        path, reference = self.path, self.reference
+        if path is None:
+            import importlib.resources
+
+            from sh2.data.sources import DEMO_FASTA
+
+            samples = importlib.resources.files("sh2.data") / "samples"
+            path, reference = str(samples / SAMPLE_VARIANTS), str(samples / DEMO_FASTA)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return VariantBatches(path, reference, self.window_size, self.batch_size, self.options, rank, world)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.task == "variants":
+            self.setup("predict")
+            # VariantBatches splits its batches over workers itself (so its length is exact), and the writer
+            # needs no batch indices: Lightning's warnings about both do not apply
+            warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+            warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices")
+            return DataLoader(self._variants, batch_size=None, num_workers=self.num_workers)
         if self.path is None:
             raise ValueError("prediction.path is not set: name the FASTA or text file of sequences to predict on "
                              "(sh2 predict --config ... --prediction.path seqs.fasta)")
@@ -169,19 +230,35 @@ def predict_dataloader(path: str, batch_size: int = 8, max_length: int | None = 
                       num_workers=num_workers, collate_fn=partial(collate, options=options))
 
 
+def _records_expected(trainer: L.Trainer) -> int | None:
+    """Records this process will predict on (the length of its predict sampler), when known."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    if loader is None:
+        return None
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    try:
+        return len(sampler) if sampler is not None else len(loader.dataset)
+    except TypeError:
+        return None
+
+
 class PredictionWriter(BasePredictionWriter):
-    """Writes the records of :func:`predict_batch` to ``output`` (``.jsonl`` streamed, or ``.pt``).
+    """Writes the records of :func:`predict_batch` to ``output`` as batches finish, and prints where.
 
     Args:
-        output: file to write; ``.jsonl``/``.json`` (one JSON object per line, tensors as lists) or
-            ``.pt`` (a list of records, tensors kept). Parent directories are created. With several
-            processes, each rank writes ``NAME.rankR.EXT``.
+        output: file to write; its suffix picks the format (see :mod:`sh2.inference.outputs`): ``.jsonl``/
+            ``.json`` (one JSON object per line, tensors as lists), ``.tsv``, ``.parquet``, ``.npy`` (pooled
+            embeddings, scalars in ``NAME.tsv``), ``.safetensors``, or ``.pt`` (a list of records, tensors
+            kept; held in memory until the end). Parent directories are created. With several processes,
+            each rank writes ``NAME.rankR.EXT``.
     """
 
     def __init__(self, output: str) -> None:
         super().__init__(write_interval="batch")
         self.output = output
-        self._records: list[dict[str, Any]] = []
+        self._sink: Any = None
         self._path: Path | None = None
 
     def _target(self, trainer: L.Trainer) -> Path:
@@ -192,36 +269,26 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._path = self._target(trainer)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._records = []
-        if self._path.suffix != ".pt":
-            self._path.write_text("")
+        expected = _records_expected(trainer) if self._path.suffix.lower() == ".npy" else None
+        self._sink = open_sink(self._path, expected)
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        records = list(prediction or [])
-        if self._path is None:
+        if self._sink is None:
             self.on_predict_start(trainer, pl_module)
-        if self._path.suffix == ".pt":
-            self._records.extend(records)
-            return
-        with open(self._path, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(_jsonable(rec)) + "\n")
+        self._sink.write(list(prediction or []))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._path is not None and self._path.suffix == ".pt":
-            torch.save(self._records, self._path)
+        if self._sink is None:
+            return
+        sink, self._sink = self._sink, None
+        paths = sink.close()
+        where = ", ".join(str(p.resolve()) for p in paths)
+        sys.stdout.write(f"[sh2] predictions: {sink.count} records written to {where}\n")  # one write per rank
+        sys.stdout.flush()
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().float().cpu().tolist()
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None  # NaN is not JSON
-    return obj
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._sink is not None:
+            self._sink.abort()
+            self._sink = None

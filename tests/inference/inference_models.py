@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 
+from sh2.inference.predict import predict_batch
 from sh2.models import SH2Config, SH2Model
 
 
@@ -22,3 +24,14 @@ def make_model(layout: str, seed: int = 0, **overrides) -> SH2Model:
             elif p.dim() == 2 and "embedding" not in name:
                 p.normal_(0, p.shape[1] ** -0.5)
     return model
+
+
+class PredictWrapper(L.LightningModule):
+    """Stands in for SH2LightningModule in predict tests: ``predict_step`` is the module's one-liner."""
+
+    def __init__(self, model: SH2Model) -> None:
+        super().__init__()
+        self.model = model
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        return predict_batch(self.model, batch)
