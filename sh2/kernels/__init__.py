@@ -8,68 +8,55 @@ Public functions (all filters in causal orientation, ``h[..., 0]`` multiplies th
 - :func:`causal_depthwise_conv` ``(x, w)``: the featurizer's short depthwise causal convolution.
 - :func:`modal_filter` ``(log_poles, residues, length)``: the Hyena-LI filter, built tiled.
 
-``backend`` is ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"torch"`` or ``"triton"``.
-The environment variable ``SH2_KERNEL_BACKEND`` (``torch`` | ``triton``) overrides ``"auto"``, which is
-how tests force a path.
+``backend`` is ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"torch"`` or ``"triton"``;
+:func:`resolve_backend` is the one place that decides (float64 and empty inputs always run the
+reference). Settings (:mod:`sh2.kernels.settings`) are read from the environment once:
+``SH2_KERNEL_BACKEND=torch|triton`` changes what ``"auto"`` means for a process, and tests force a
+path with ``with sh2.kernels.use_backend("torch"): ...``.
+
+The Triton kernels are PyTorch custom operators (``torch.ops.sh2.*``) with fake (shape-only)
+implementations and registered autograd formulas, so ``torch.compile(fullgraph=True)`` traces code that
+calls them without a graph break; autotuning runs in the operators' eager bodies, never in traced code.
+
+How a kernel family is laid out (``fir``, ``fft``, ``modal``; a new family follows the same pattern):
+
+1. ``reference.py``: the readable pure-PyTorch version, the oracle of the tests and the CPU path.
+2. ``<family>.py`` (plus ``<family>_*.py`` kernel modules when the kernels are large): the
+   ``@triton.jit`` kernels; typed launchers (``*_forward`` / ``*_backward``) that take their launch
+   configuration as a frozen dataclass, choose it with :func:`sh2.kernels._tuning.pick_config`, allocate
+   outputs and scratch with ``_tuning.new_buffer`` and pass ``None`` for absent optional pointers (gated
+   by a ``tl.constexpr`` flag); the custom operators ``sh2::<name>`` and ``sh2::<name>_backward``
+   (``torch.library.custom_op``) with ``register_fake`` and ``register_autograd``; and
+   ``<name>_triton(...)``, the differentiable entry that normalises layouts and calls the operator.
+3. The public function below: validate the arguments, ``resolve_backend``, then ``<family>.<name>_triton``
+   or the reference. The family module is imported here (when Triton is installed) so that its operators
+   are registered with the rest.
+4. Tests in ``tests/kernels/test_<family>.py`` (float64 brute force and reference, forward and backward,
+   awkward shapes) and an entry in the operator list of ``tests/kernels/test_custom_ops.py`` (opcheck and
+   ``torch.compile(fullgraph=True)``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sh2.kernels import reference
+from sh2.kernels.dispatch import (
+    TRITON_AVAILABLE,
+    check_depthwise_inputs,
+    check_gated_inputs,
+    check_modal_inputs,
+    resolve_backend,
+)
+from sh2.kernels.settings import KernelSettings, current_settings, override_settings, reload_settings, use_backend
 
-_BACKENDS = ("auto", "torch", "triton")
+if TRITON_AVAILABLE:  # registers the sh2:: custom operators
+    from sh2.kernels import fft, fir, modal
 
 # Under this many tokens ``auto`` runs the FIR reference: the blocked kernels tile 16-128 tokens, so short
 # calls (the 2(K-1)-token boundary corrections of overlapped context parallelism, tiny tests) gain nothing,
 # and the bf16 blocked backward has failed on the GPU for a 12-token call (illegal memory access).
 MIN_TRITON_FIR_LEN = 128
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Return ``"torch"`` or ``"triton"`` for a requested backend and an input tensor."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        forced = os.environ.get("SH2_KERNEL_BACKEND", "").strip().lower()
-        if forced in ("torch", "triton"):
-            return forced
-        return "triton" if x.is_cuda else "torch"
-    return backend
-
-
-def check_gated_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
-                       bias: torch.Tensor | None, max_len: int | None = None) -> None:
-    """Validate the arguments of the gated convolutions; raise ValueError naming the offending argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == h.device):
-        raise ValueError("q, k, v and h must be on the same device")
-    D = q.shape[-1]
-    if h.dim() != 2:
-        raise ValueError(f"h must have shape [G, K] (causal orientation), got {tuple(h.shape)}")
-    G, K = h.shape
-    if G < 1 or D % G != 0:
-        raise ValueError(f"the number of filter groups G={G} must divide the width D={D}")
-    if K < 1:
-        raise ValueError("h must have at least one tap")
-    if max_len is not None and K > max_len:
-        raise ValueError(f"filter length K={K} exceeds the sequence length L={max_len}; "
-                         f"truncate h to h[:, :L]")
-    if bias is not None:
-        if bias.shape != (D,):
-            raise ValueError(f"bias must have shape [D]=[{D}], got {tuple(bias.shape)}")
-        if bias.device != q.device:
-            raise ValueError("bias must be on the same device as q")
 
 
 def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
@@ -92,9 +79,7 @@ def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
     if chosen == "triton" and backend == "auto" and q.shape[1] < MIN_TRITON_FIR_LEN:
         chosen = "torch"
     if chosen == "triton":
-        from sh2.kernels.fir import gated_fir_conv_triton
-
-        return gated_fir_conv_triton(q, k, v, h, bias)
+        return fir.gated_fir_conv_triton(q, k, v, h, bias)
     return reference.gated_fir_conv_ref(q, k, v, h, bias)
 
 
@@ -103,33 +88,35 @@ def gated_fft_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
     """Gated causal long convolution by fp32 FFT; same semantics as :func:`gated_fir_conv`, K <= L."""
     check_gated_inputs(q, k, v, h, bias, max_len=q.shape[1] if q.dim() == 3 else None)
     if resolve_backend(backend, q) == "triton":
-        from sh2.kernels.fft import gated_fft_conv_triton
-
-        return gated_fft_conv_triton(q, k, v, h, bias)
+        return fft.gated_fft_conv_triton(q, k, v, h, bias)
     return reference.gated_fft_conv_ref(q, k, v, h, bias)
 
 
 def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Causal depthwise convolution of ``x [B, L, C]`` with ``w [C, K]`` (causal orientation)."""
-    if x.dim() != 3 or w.dim() != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"expected x [B, L, C] and w [C, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    resolve_backend(backend, x)  # validates ``backend``
-    # No Triton featurizer kernel yet (optional in issue 4): every backend uses the reference.
+    """Causal depthwise convolution ``y[b, t, c] = sum_s w[c, s] x[b, t - s, c]``.
+
+    Args:
+        x: ``[B, L, C]``.
+        w: ``[C, K]`` filters in causal orientation.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[B, L, C]`` in the dtype of x (fp32 accumulation).
+    """
+    check_depthwise_inputs(x, w)
+    resolve_backend(backend, x)  # validates ``backend``; no Triton featurizer kernel yet
     return reference.causal_depthwise_conv_ref(x, w)
 
 
 def modal_filter(log_poles: torch.Tensor, residues: torch.Tensor, length: int,
                  backend: str = "auto") -> torch.Tensor:
     """Hyena-LI filter ``h[c, t] = sum_n residues[c, n] * exp(log_poles[c, n] * t)``, ``[D, length]`` fp32."""
-    if log_poles.shape != residues.shape or log_poles.dim() != 2:
-        raise ValueError(f"log_poles and residues must both be [D, N], got {tuple(log_poles.shape)} "
-                         f"and {tuple(residues.shape)}")
+    check_modal_inputs(log_poles, residues, length)
     if resolve_backend(backend, log_poles) == "triton":
-        from sh2.kernels.modal import modal_filter_triton
-
-        return modal_filter_triton(log_poles, residues, length)
+        return modal.modal_filter_triton(log_poles, residues, length)
     return reference.modal_filter_ref(log_poles, residues, length)
 
 
 __all__ = ["gated_fir_conv", "gated_fft_conv", "causal_depthwise_conv", "modal_filter", "resolve_backend",
-           "check_gated_inputs", "reference"]
+           "check_gated_inputs", "reference", "KernelSettings", "current_settings", "reload_settings",
+           "override_settings", "use_backend"]

@@ -1,4 +1,5 @@
-"""Two-stage blocked FIR kernels (SPEC 2.1) for grouped filters, on tensor cores.
+"""Two-stage blocked FIR kernels for grouped filters, on tensor cores (docs/design.md, "Two-stage blocked
+convolution").
 
 The causal convolution of one group of ``dg`` channels is a product with a banded lower-triangular
 Toeplitz matrix. Cut the sequence into chunks of ``BLOCK_T = b >= K`` tokens; only two kinds of

@@ -17,16 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _ptrs(base, t, stride_t, offs_c):
-    return base + t.to(tl.int64)[:, None] * stride_t + offs_c[None, :]
-
-
-@triton.jit
-def _load(base, t, stride_t, offs_c, L, mc):
-    m = ((t >= 0) & (t < L))[:, None] & mc[None, :]
-    return tl.load(_ptrs(base, t, stride_t, offs_c), mask=m, other=0.0).to(tl.float32)
+from sh2.kernels._tuning import load_tile as _load
+from sh2.kernels._tuning import tile_ptrs as _ptrs
 
 
 @triton.jit
