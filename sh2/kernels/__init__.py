@@ -18,7 +18,8 @@ The Triton kernels are PyTorch custom operators (``torch.ops.sh2.*``) with fake 
 implementations and registered autograd formulas, so ``torch.compile(fullgraph=True)`` traces code that
 calls them without a graph break; autotuning runs in the operators' eager bodies, never in traced code.
 
-How a kernel family is laid out (``fir``, ``fft``, ``modal``; a new family follows the same pattern):
+How a kernel family is laid out (``fir``, ``fft``, ``short_conv``, ``modal``; a new family follows the
+same pattern):
 
 1. ``reference.py``: the readable pure-PyTorch version, the oracle of the tests and the CPU path.
 2. ``<family>.py`` (plus ``<family>_*.py`` kernel modules when the kernels are large): the
@@ -51,7 +52,7 @@ from sh2.kernels.dispatch import (
 from sh2.kernels.settings import KernelSettings, current_settings, override_settings, reload_settings, use_backend
 
 if TRITON_AVAILABLE:  # registers the sh2:: custom operators
-    from sh2.kernels import fft, fir, modal
+    from sh2.kernels import fft, fir, modal, short_conv
 
 # Under this many tokens ``auto`` runs the FIR reference: the blocked kernels tile 16-128 tokens, so short
 # calls (the 2(K-1)-token boundary corrections of overlapped context parallelism, tiny tests) gain nothing,
@@ -104,7 +105,8 @@ def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto
         ``[B, L, C]`` in the dtype of x (fp32 accumulation).
     """
     check_depthwise_inputs(x, w)
-    resolve_backend(backend, x)  # validates ``backend``; no Triton featurizer kernel yet
+    if resolve_backend(backend, x) == "triton":
+        return short_conv.causal_depthwise_conv_triton(x, w)
     return reference.causal_depthwise_conv_ref(x, w)
 
 
