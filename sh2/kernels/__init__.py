@@ -54,11 +54,6 @@ from sh2.kernels.settings import KernelSettings, current_settings, override_sett
 if TRITON_AVAILABLE:  # registers the sh2:: custom operators
     from sh2.kernels import fft, fir, modal, short_conv
 
-# Under this many tokens ``auto`` runs the FIR reference: the blocked kernels tile 16-128 tokens, so short
-# calls (the 2(K-1)-token boundary corrections of overlapped context parallelism, tiny tests) gain nothing,
-# and the bf16 blocked backward has failed on the GPU for a 12-token call (illegal memory access).
-MIN_TRITON_FIR_LEN = 128
-
 
 def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
                    bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
@@ -76,10 +71,7 @@ def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
         ``[B, L, D]`` in the dtype of q (fp32 accumulation).
     """
     check_gated_inputs(q, k, v, h, bias)
-    chosen = resolve_backend(backend, q)
-    if chosen == "triton" and backend == "auto" and q.shape[1] < MIN_TRITON_FIR_LEN:
-        chosen = "torch"
-    if chosen == "triton":
+    if resolve_backend(backend, q) == "triton":
         return fir.gated_fir_conv_triton(q, k, v, h, bias)
     return reference.gated_fir_conv_ref(q, k, v, h, bias)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sh2 import kernels
-from sh2.kernels import KernelSettings, current_settings
+from sh2.kernels import KernelSettings, current_settings, fir, reference
 from sh2.kernels import settings as settings_module  # the module (current_settings is the function)
 
 
@@ -71,3 +71,20 @@ def test_override_settings_restores_on_exit_and_on_error():
             assert current_settings() is s and not s.autotune
             raise RuntimeError
     assert current_settings() is before
+
+
+def test_environment_variable_sends_every_auto_call_to_triton(monkeypatch, restore_settings):
+    """SH2_KERNEL_BACKEND=triton makes "auto" run the Triton kernels on CPU tensors too, at every length
+    (the 12-token boundary corrections of context parallelism included)."""
+    calls = []
+    monkeypatch.setenv("SH2_KERNEL_BACKEND", "triton")
+    kernels.reload_settings()
+    monkeypatch.setattr(fir, "gated_fir_conv_triton", lambda *a: calls.append(a) or reference.gated_fir_conv_ref(*a))
+    for L in (1, 12, 127, 128):
+        x = torch.randn(1, L, 8)
+        kernels.gated_fir_conv(x, x, x, torch.randn(2, 3))
+    assert len(calls) == 4
+    monkeypatch.setenv("SH2_KERNEL_BACKEND", "torch")
+    kernels.reload_settings()
+    kernels.gated_fir_conv(x, x, x, torch.randn(2, 3))
+    assert len(calls) == 4
