@@ -39,19 +39,37 @@ _BT, _BC, _BF = 64, 64, 256
 
 
 @triton.jit
-def _pack_product_kernel(a_ptr, b_ptr, buf_ptr, L, c0, C, n_t, sab, sal, sbb, sbl, s_buf_b,
-                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``buf[b, c, t] = a[b, t, c0 + c] * b[b, t, c0 + c]`` in fp32, transposed into a ``[B, C, 2L]`` buffer."""
+def _slice_tile(L, c0, C, n_t, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a channel slice: batch row b, token column tt, slice channels cl (ch in the
+    full width), and the mask of the tile's valid entries."""
     pid = tl.program_id(0)
     b = (pid // n_t).to(tl.int64)
     t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
     cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch = c0 + cl
     m = (t < L)[:, None] & (cl < C)[None, :]
-    tt = t.to(tl.int64)[:, None]
-    x = tl.load(a_ptr + b * sab + tt * sal + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    x *= tl.load(b_ptr + b * sbb + tt * sbl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(buf_ptr + b * s_buf_b + cl.to(tl.int64)[None, :] * (2 * L) + tt, x, mask=m)
+    return b, t.to(tl.int64)[:, None], cl, c0 + cl, m
+
+
+@triton.jit
+def _load_f32(ptr, b, sb, tt, sl, ch, m):
+    """fp32 tile of a ``[B, L, D]`` tensor with batch stride sb, token stride sl and channel stride 1."""
+    return tl.load(ptr + b * sb + tt * sl + ch[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _buf_offsets(b, s_buf_b, cl, tt, L):
+    """Offsets of the tile in a transposed ``[B, C, 2L]`` FFT buffer (batch stride s_buf_b)."""
+    return b * s_buf_b + cl.to(tl.int64)[None, :] * (2 * L) + tt
+
+
+@triton.jit
+def _pack_product_kernel(a_ptr, b_ptr, buf_ptr, L, c0, C, n_t, sab, sal, sbb, sbl, s_buf_b,
+                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``buf[b, c, t] = a[b, t, c0 + c] * b[b, t, c0 + c]`` in fp32, transposed into a ``[B, C, 2L]`` buffer."""
+    b, tt, cl, ch, m = _slice_tile(L, c0, C, n_t, BLOCK_T, BLOCK_C)
+    x = _load_f32(a_ptr, b, sab, tt, sal, ch, m)
+    x *= _load_f32(b_ptr, b, sbb, tt, sbl, ch, m)
+    tl.store(buf_ptr + _buf_offsets(b, s_buf_b, cl, tt, L), x, mask=m)
 
 
 @triton.jit
@@ -61,24 +79,18 @@ def _pack_backward_kernel(dy_ptr, q_ptr, saved_ptr, k_ptr, v_ptr, gbuf_ptr, zbuf
     """One pass over a slice for the backward: ``g = dy * q`` and ``z = k * v`` into the transposed fp32
     buffers, ``dq = dy * saved`` (``saved = conv + bias z`` from the forward) and, with a bias, the
     per-program Dskip partials ``sum_t g z``."""
-    pid = tl.program_id(0)
-    b = (pid // n_t).to(tl.int64)
-    t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch = c0 + cl
-    m = (t < L)[:, None] & (cl < C)[None, :]
-    tt = t.to(tl.int64)[:, None]
-    dy = tl.load(dy_ptr + b * sdyb + tt * sdyl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    g = dy * tl.load(q_ptr + b * sqb + tt * sql + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    z = tl.load(k_ptr + b * skb + tt * skl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    z *= tl.load(v_ptr + b * svb + tt * svl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    buf_off = b * s_buf_b + cl.to(tl.int64)[None, :] * (2 * L) + tt
+    b, tt, cl, ch, m = _slice_tile(L, c0, C, n_t, BLOCK_T, BLOCK_C)
+    dy = _load_f32(dy_ptr, b, sdyb, tt, sdyl, ch, m)
+    g = dy * _load_f32(q_ptr, b, sqb, tt, sql, ch, m)
+    z = _load_f32(k_ptr, b, skb, tt, skl, ch, m)
+    z *= _load_f32(v_ptr, b, svb, tt, svl, ch, m)
+    buf_off = _buf_offsets(b, s_buf_b, cl, tt, L)
     tl.store(gbuf_ptr + buf_off, g, mask=m)
     tl.store(zbuf_ptr + buf_off, z, mask=m)
-    saved = tl.load(saved_ptr + b * ssb + tt * ssl + ch[None, :], mask=m, other=0.0).to(tl.float32)
+    saved = _load_f32(saved_ptr, b, ssb, tt, ssl, ch, m)
     tl.store(dq_ptr + b * L * D + tt * D + ch[None, :], (dy * saved).to(dq_ptr.dtype.element_ty), mask=m)
     if HAS_BIAS:
-        tl.store(db_part_ptr + pid.to(tl.int64) * D + ch, tl.sum(g * z, axis=0), mask=cl < C)
+        tl.store(db_part_ptr + tl.program_id(0).to(tl.int64) * D + ch, tl.sum(g * z, axis=0), mask=cl < C)
 
 
 @triton.jit
@@ -86,19 +98,13 @@ def _unpack_fwd_kernel(y_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, save_ptr,
                        L, D, c0, C, n_t, sqb, sql, skb, skl, svb, svl, s_buf_b,
                        HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out = q * (conv + bias * k * v)`` from the irfft buffer ``[B, C, 2L]`` (first L taps)."""
-    pid = tl.program_id(0)
-    b = (pid // n_t).to(tl.int64)
-    t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch = c0 + cl
-    m = (t < L)[:, None] & (cl < C)[None, :]
-    tt = t.to(tl.int64)[:, None]
-    y = tl.load(y_ptr + b * s_buf_b + cl.to(tl.int64)[None, :] * (2 * L) + tt, mask=m, other=0.0)
+    b, tt, cl, ch, m = _slice_tile(L, c0, C, n_t, BLOCK_T, BLOCK_C)
+    y = tl.load(y_ptr + _buf_offsets(b, s_buf_b, cl, tt, L), mask=m, other=0.0)
     if HAS_BIAS:
-        z = tl.load(k_ptr + b * skb + tt * skl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-        z *= tl.load(v_ptr + b * svb + tt * svl + ch[None, :], mask=m, other=0.0).to(tl.float32)
+        z = _load_f32(k_ptr, b, skb, tt, skl, ch, m)
+        z *= _load_f32(v_ptr, b, svb, tt, svl, ch, m)
         y += tl.load(bias_ptr + ch, mask=cl < C, other=0.0).to(tl.float32)[None, :] * z
-    q = tl.load(q_ptr + b * sqb + tt * sql + ch[None, :], mask=m, other=0.0).to(tl.float32)
+    q = _load_f32(q_ptr, b, sqb, tt, sql, ch, m)
     o = b * L * D + tt * D + ch[None, :]
     tl.store(out_ptr + o, (q * y).to(out_ptr.dtype.element_ty), mask=m)
     if SAVE:
@@ -110,20 +116,14 @@ def _unpack_bwd_kernel(dz_ptr, q_ptr, k_ptr, v_ptr, dy_ptr, bias_ptr, dk_ptr, dv
                        L, D, c0, C, n_t, sqb, sql, skb, skl, svb, svl, sdb, sdl, s_buf_b,
                        HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """``dk = (dz + bias g) v``, ``dv = (dz + bias g) k`` with ``g = dy * q``."""
-    pid = tl.program_id(0)
-    b = (pid // n_t).to(tl.int64)
-    t = (pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cl = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch = c0 + cl
-    m = (t < L)[:, None] & (cl < C)[None, :]
-    tt = t.to(tl.int64)[:, None]
-    dz = tl.load(dz_ptr + b * s_buf_b + cl.to(tl.int64)[None, :] * (2 * L) + tt, mask=m, other=0.0)
+    b, tt, cl, ch, m = _slice_tile(L, c0, C, n_t, BLOCK_T, BLOCK_C)
+    dz = tl.load(dz_ptr + _buf_offsets(b, s_buf_b, cl, tt, L), mask=m, other=0.0)
     if HAS_BIAS:
-        g = tl.load(dy_ptr + b * sdb + tt * sdl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-        g *= tl.load(q_ptr + b * sqb + tt * sql + ch[None, :], mask=m, other=0.0).to(tl.float32)
+        g = _load_f32(dy_ptr, b, sdb, tt, sdl, ch, m)
+        g *= _load_f32(q_ptr, b, sqb, tt, sql, ch, m)
         dz += tl.load(bias_ptr + ch, mask=cl < C, other=0.0).to(tl.float32)[None, :] * g
-    k = tl.load(k_ptr + b * skb + tt * skl + ch[None, :], mask=m, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * svb + tt * svl + ch[None, :], mask=m, other=0.0).to(tl.float32)
+    k = _load_f32(k_ptr, b, skb, tt, skl, ch, m)
+    v = _load_f32(v_ptr, b, svb, tt, svl, ch, m)
     o = b * L * D + tt * D + ch[None, :]
     tl.store(dk_ptr + o, (dz * v).to(dk_ptr.dtype.element_ty), mask=m)
     tl.store(dv_ptr + o, (dz * k).to(dv_ptr.dtype.element_ty), mask=m)
