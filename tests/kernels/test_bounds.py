@@ -172,6 +172,19 @@ def test_modal_filter_stays_in_bounds(monkeypatch):
         guards.check()
 
 
+def _unless_out_of_resources(launcher, *args, **kwargs):
+    """``launcher(*args, **kwargs)`` then a synchronisation; None where the configuration does not fit the
+    GPU (the autotuner skips those too)."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        out = launcher(*args, **kwargs)
+    except OutOfResources:
+        return None
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [7, 128])
 def test_fir_gpu_bf16_short_lengths_every_candidate(K):
@@ -184,17 +197,15 @@ def test_fir_gpu_bf16_short_lengths_every_candidate(K):
     dev = torch.device("cuda")
     D, G = 4096, 256
     for L in range(1, 141):
-        q, k, v, h, b, dy = (x.to(dev) if x is not None else None for x in _fir_inputs(2, L, D, G, K, BF16, True, L))
+        q, k, v, h, b, dy = (x.to(dev) for x in _fir_inputs(2, L, D, G, K, BF16, True, L))
         y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
         for blocked, cfg in _fir_configs(q, h, backward=False):
-            y = fir.fir_forward(q, k, v, h, b, blocked=blocked, config=cfg)
-            torch.cuda.synchronize()
-            assert rel_err(y, y64) < 1e-2, (L, cfg)
+            y = _unless_out_of_resources(fir.fir_forward, q, k, v, h, b, blocked=blocked, config=cfg)
+            assert y is None or rel_err(y, y64) < 1e-2, (L, cfg)
         for blocked, cfg in _fir_configs(q, h, backward=True):
             for bias in (b, None):
-                grads = fir.fir_backward(q, k, v, h, bias, dy, blocked=blocked, config=cfg)
-                torch.cuda.synchronize()
-                if bias is not None:
+                grads = _unless_out_of_resources(fir.fir_backward, q, k, v, h, bias, dy, blocked=blocked, config=cfg)
+                if grads is not None and bias is not None:
                     for name, g, g64 in zip("qkvhb", grads, grads64):
                         assert rel_err(g, g64) < 1e-2, (L, cfg, name)
     with override_settings(autotune=True):
