@@ -23,18 +23,21 @@ same pattern):
 
 1. ``reference.py``: the readable pure-PyTorch version, the oracle of the tests and the CPU path.
 2. ``<family>.py`` (plus ``<family>_*.py`` kernel modules when the kernels are large): the
-   ``@triton.jit`` kernels; typed launchers (``*_forward`` / ``*_backward``) that take their launch
-   configuration as a frozen dataclass, choose it with :func:`sh2.kernels._tuning.pick_config`, allocate
-   outputs and scratch with ``_tuning.new_buffer`` and pass ``None`` for absent optional pointers (gated
-   by a ``tl.constexpr`` flag); the custom operators ``sh2::<name>`` and ``sh2::<name>_backward``
-   (``torch.library.custom_op``) with ``register_fake`` and ``register_autograd``; and
-   ``<name>_triton(...)``, the differentiable entry that normalises layouts and calls the operator.
+   ``@triton.jit`` kernels, with the length-derived integers that only bound loops and masks in
+   ``do_not_specialize`` (one compiled variant for every length); typed launchers (``*_forward`` /
+   ``*_backward``) that take their launch configuration as a frozen dataclass, choose it with
+   :func:`sh2.kernels._tuning.pick_config`, allocate outputs and scratch with ``_tuning.new_buffer`` and
+   pass ``None`` for absent optional pointers (gated by a ``tl.constexpr`` flag); the custom operators
+   ``sh2::<name>`` and ``sh2::<name>_backward`` (``torch.library.custom_op``) with ``register_fake`` and
+   ``register_autograd``; and ``<name>_triton(...)``, the differentiable entry that normalises layouts
+   and calls the operator.
 3. The public function below: validate the arguments, ``resolve_backend``, then ``<family>.<name>_triton``
    or the reference. The family module is imported here (when Triton is installed) so that its operators
    are registered with the rest.
-4. Tests in ``tests/kernels/test_<family>.py`` (float64 brute force and reference, forward and backward,
-   awkward shapes) and an entry in the operator list of ``tests/kernels/test_custom_ops.py`` (opcheck and
-   ``torch.compile(fullgraph=True)``).
+4. Tests: ``tests/kernels/test_<family>.py`` (float64 brute force and reference, forward and backward,
+   awkward shapes), the launchers in ``tests/kernels/test_bounds.py`` (inputs, outputs and scratch
+   between guard bands), and in ``tests/kernels/test_custom_ops.py`` an ``opcheck`` of each operator and
+   the public function in the ``torch.compile(fullgraph=True)`` test.
 """
 
 from __future__ import annotations
