@@ -37,11 +37,11 @@ def _tol(dtype: torch.dtype) -> float:
     return 2e-5 if dtype == F32 else 3e-2
 
 
-def _fir_inputs(B, L, D, G, K, dtype, bias, seed):
+def _fir_inputs(B, L, D, G, K, dtype, bias, seed, device):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, dy = (torch.randn(B, L, D, generator=gen).to(dtype) for _ in range(4))
-    h = torch.randn(G, K, generator=gen) / K**0.5
-    b = torch.randn(D, generator=gen) if bias else None
+    q, k, v, dy = (torch.randn(B, L, D, generator=gen).to(device, dtype) for _ in range(4))
+    h = (torch.randn(G, K, generator=gen) / K**0.5).to(device)
+    b = torch.randn(D, generator=gen).to(device) if bias else None
     return q, k, v, h, b, dy
 
 
@@ -64,10 +64,10 @@ def _fir_configs(q, h, backward):
     return blocked + (direct if not backward and K <= 16 else [])
 
 
-def _check_fir_all_configs(L, shape, dtype, bias, monkeypatch):
+def _check_fir_all_configs(L, shape, dtype, bias, monkeypatch, device):
     D, G, K, _ = FIR_SHAPES[shape]
     guards = GuardBands().patch(monkeypatch)
-    q, k, v, h, b, dy = _fir_inputs(2, L, D, G, K, dtype, bias, seed=L)
+    q, k, v, h, b, dy = _fir_inputs(2, L, D, G, K, dtype, bias, L, device)
     y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
     gq, gk, gv, gh, gdy = (guards.place(x) for x in (q, k, v, h, dy))
     gb = guards.place(b) if bias else None
@@ -87,44 +87,45 @@ def _check_fir_all_configs(L, shape, dtype, bias, monkeypatch):
 @pytest.mark.parametrize(
     "shape,dtype", [("se", BF16), ("se", F32), ("mr", BF16), ("depthwise", BF16)], ids=["se-bf16", "se-fp32",
                                                                                           "mr-bf16", "depthwise"])
-def test_fir_every_candidate_stays_in_bounds_at_boundary_lengths(shape, dtype, monkeypatch):
+def test_fir_every_candidate_stays_in_bounds_at_boundary_lengths(shape, dtype, monkeypatch, device):
     """Every forward and backward configuration the dispatcher or the autotuner may run, alternately
     with and without Dskip (both at the 12-token length). fp32 has its own blocked candidates (b <= 64)."""
     lengths = FIR_SHAPES[shape][3] if dtype == BF16 else (1, 12, 65)
     for i, L in enumerate(lengths):
         for bias in ((True, False) if L == 12 else (i % 2 == 0,)):
-            _check_fir_all_configs(L, shape, dtype, bias, monkeypatch)
+            _check_fir_all_configs(L, shape, dtype, bias, monkeypatch, device)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["se", "mr"])
-def test_fir_bf16_every_length_1_to_140_matches_reference(shape, monkeypatch):
+def test_fir_bf16_every_length_1_to_140_matches_reference(shape, monkeypatch, device):
     """The public function with the Triton backend forced, forward and backward, every L in 1..140 in
-    bf16 (the dtype of the fault once seen on the GPU), with Dskip at odd lengths; one channel group of 16."""
+    bf16 (the dtype of the fault once seen on the GPU), with Dskip at odd lengths; one channel group of 16.
+    The default configurations (no autotuning); the test above runs every candidate."""
     D, G, K = 16, 1, FIR_SHAPES[shape][2]
     for L in range(1, 141):
         guards = GuardBands().patch(monkeypatch)
-        q, k, v, h, b, dy = _fir_inputs(1, L, D, G, K, BF16, L % 2 == 1, seed=1000 + L)
+        q, k, v, h, b, dy = _fir_inputs(1, L, D, G, K, BF16, L % 2 == 1, 1000 + L, device)
         y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
         args = [guards.place(x).requires_grad_(True) if x is not None else None for x in (q, k, v, h, b)]
-        with use_backend("triton"):
+        with use_backend("triton"), override_settings(autotune=False):
             y = gated_fir_conv_public(*args)
-        grads = torch.autograd.grad(y, [x for x in args if x is not None], guards.place(dy))
+            grads = torch.autograd.grad(y, [x for x in args if x is not None], guards.place(dy))
         assert rel_err(y, y64) < _tol(BF16), L
         for name, g, g64 in zip("qkvhb", grads, grads64):
             assert rel_err(g, g64) < _tol(BF16), (L, name, rel_err(g, g64))
         guards.check()
 
 
-def test_fft_stays_in_bounds(monkeypatch):
+def test_fft_stays_in_bounds(monkeypatch, device):
     """Slices of 4 channels (not a multiple of the 64-channel block), lengths around the 64-token tile,
     with and without Dskip and a kept filter spectrum."""
     D, G = 8, 2
     for L, dtype in ((1, F32), (2, BF16), (63, F32), (65, BF16)):
         for bias, keep in ((True, True), (False, False)):
             guards = GuardBands().patch(monkeypatch)
-            q, k, v, _, b, dy = _fir_inputs(2, L, D, G, 1, dtype, bias, seed=L)
-            h = torch.randn(G, L, generator=torch.Generator().manual_seed(L)) / L**0.5
+            q, k, v, _, b, dy = _fir_inputs(2, L, D, G, 1, dtype, bias, L, device)
+            h = (torch.randn(G, L, generator=torch.Generator().manual_seed(L)) / L**0.5).to(device)
             y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
             g = [guards.place(x) if x is not None else None for x in (q, k, v, h, b, dy)]
             with override_settings(fft_slice_mb=6 * 2 * 2 * L * 4 * 4 / 2**20):
@@ -137,13 +138,13 @@ def test_fft_stays_in_bounds(monkeypatch):
             guards.check()
 
 
-def test_short_conv_every_candidate_stays_in_bounds(monkeypatch):
+def test_short_conv_every_candidate_stays_in_bounds(monkeypatch, device):
     C = 20  # not a multiple of any channel block
     for L, K in ((1, 3), (15, 5), (16, 1), (17, 3), (70, 5)):
         guards = GuardBands().patch(monkeypatch)
         gen = torch.Generator().manual_seed(L * 10 + K)
-        x, dy = (torch.randn(2, L, C, generator=gen).to(BF16) for _ in range(2))
-        w = torch.randn(C, K, generator=gen)
+        x, dy = (torch.randn(2, L, C, generator=gen).to(device, BF16) for _ in range(2))
+        w = torch.randn(C, K, generator=gen).to(device)
         x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
         y64 = reference.causal_depthwise_conv_ref(x64, w64)
         dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
@@ -155,13 +156,13 @@ def test_short_conv_every_candidate_stays_in_bounds(monkeypatch):
         guards.check()
 
 
-def test_modal_filter_stays_in_bounds(monkeypatch):
+def test_modal_filter_stays_in_bounds(monkeypatch, device):
     D, N = 5, 3  # neither a multiple of the 16-channel block nor a power of two
     for L in (1, 31, 32, 33, 77):
         guards = GuardBands().patch(monkeypatch)
         gen = torch.Generator().manual_seed(L)
-        lp, r = -0.1 * torch.rand(D, N, generator=gen), torch.randn(D, N, generator=gen)
-        dh = torch.randn(D, L, generator=gen)
+        lp, r = -0.1 * torch.rand(D, N, generator=gen).to(device), torch.randn(D, N, generator=gen).to(device)
+        dh = torch.randn(D, L, generator=gen).to(device)
         lp64, r64 = lp.double().requires_grad_(True), r.double().requires_grad_(True)
         h64 = reference.modal_filter_ref(lp64, r64, L)
         grads64 = torch.autograd.grad(h64, (lp64, r64), dh.double())
@@ -197,7 +198,7 @@ def test_fir_gpu_bf16_short_lengths_every_candidate(K):
     dev = torch.device("cuda")
     D, G = 4096, 256
     for L in range(1, 141):
-        q, k, v, h, b, dy = (x.to(dev) for x in _fir_inputs(2, L, D, G, K, BF16, True, L))
+        q, k, v, h, b, dy = _fir_inputs(2, L, D, G, K, BF16, True, L, dev)
         y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
         for blocked, cfg in _fir_configs(q, h, backward=False):
             y = _unless_out_of_resources(fir.fir_forward, q, k, v, h, b, blocked=blocked, config=cfg)
@@ -210,7 +211,7 @@ def test_fir_gpu_bf16_short_lengths_every_candidate(K):
                         assert rel_err(g, g64) < 1e-2, (L, cfg, name)
     with override_settings(autotune=True):
         for L in (1, 2, 12, 15, 16, 17, 63, 64, 65, 127, 128, 129):
-            q, k, v, h, b, dy = (x.to(dev) for x in _fir_inputs(2, L, D, G, K, BF16, True, L))
+            q, k, v, h, b, dy = _fir_inputs(2, L, D, G, K, BF16, True, L, dev)
             y64, grads64 = _fir_oracle(q, k, v, h, b, dy)
             args = [x.requires_grad_(True) for x in (q, k, v, h, b)]
             y = fir.gated_fir_conv_triton(*args)

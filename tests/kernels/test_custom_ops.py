@@ -17,10 +17,12 @@ from sh2 import kernels
 from sh2.kernels import fft, fir, modal, short_conv, use_backend
 
 F32, BF16 = torch.float32, torch.bfloat16
+# as the ``device`` fixture: the GPU where there is one, else the CPU with the Triton interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _randn(*shape, seed=0, dtype=F32, grad=False):
-    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
     return t.requires_grad_(grad)
 
 
@@ -98,7 +100,7 @@ def _compiled_matches_eager(fn, args, tol=1e-6) -> None:
     y = fn(*args)
     yc = compiled(*args)
     assert rel_err(yc, y) < tol
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y)
     grads = torch.autograd.grad(y, leaves, dy)
     grads_c = torch.autograd.grad(yc, leaves, dy)
     for g, gc in zip(grads, grads_c):
@@ -155,10 +157,10 @@ def test_compile_sh2_blocks_without_graph_breaks():
     expected = {"SE": {"causal_depthwise_conv", "gated_fir_conv"}, "MR": {"causal_depthwise_conv", "gated_fir_conv"},
                 "LI": {"causal_depthwise_conv", "modal_filter", "gated_fft_conv"}, "MHA": set()}
     torch.manual_seed(0)
-    x = torch.randn(2, 12, 32, requires_grad=True)
+    x = torch.randn(2, 12, 32, device=DEVICE, requires_grad=True)
     with use_backend("triton"):
         for i, op in enumerate(cfg.operators):
-            block = SH2Block(cfg, i)
+            block = SH2Block(cfg, i).to(DEVICE)
             called: set[str] = set()
 
             def recording_backend(gm, example_inputs, called=called):

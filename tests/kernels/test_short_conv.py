@@ -11,6 +11,8 @@ from sh2.kernels import causal_depthwise_conv, reference
 from sh2.kernels.short_conv import causal_depthwise_conv_triton
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# as the ``device`` fixture: the GPU where there is one, else the CPU with the Triton interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def conv64(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -31,14 +33,14 @@ def _tol(dtype: torch.dtype) -> float:
 
 def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> None:
     """Forward and both gradients against float64 on the same (rounded) inputs, and the reference forward."""
-    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    x, w = (t.detach().to(DEVICE).requires_grad_(True) for t in (x, w))
     y = causal_depthwise_conv_triton(x, w)
     assert y.dtype == x.dtype and y.shape == x.shape
     x64, w64 = leaf64(x), leaf64(w)
     y64 = conv64(x64, w64)
     assert rel_err(y, y64) < _tol(dtype)
     assert rel_err(y, reference.causal_depthwise_conv_ref(x, w)) < 2 * _tol(dtype)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     dx64, dw64 = torch.autograd.grad(y64, (x64, w64), leaf64(dy))
     assert dx.dtype == x.dtype and dw.dtype == w.dtype
@@ -73,8 +75,8 @@ def test_short_conv_strided_views_are_read_in_place(dtype):
     """Channel slices of a [B, L, 3C] projection, every other batch row and every other token."""
     B, L, C, K = 4, 23, 24, 3
     gen = torch.Generator().manual_seed(5)
-    u = torch.randn(B, 2 * L, 3 * C, generator=gen).to(dtype)
-    w = torch.randn(C, K, generator=gen)
+    u = torch.randn(B, 2 * L, 3 * C, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(C, K, generator=gen).to(DEVICE)
     for x in (u[:, :L, C:2 * C], u[::2, :L, :C], u[:, ::2, 2 * C:]):
         assert x.stride(-1) == 1
         _check(x, w, dtype)
@@ -86,7 +88,7 @@ def test_short_conv_strided_views_are_read_in_place(dtype):
 
 def test_short_conv_public_function_dispatches_and_validates():
     gen = torch.Generator().manual_seed(9)
-    x, w = torch.randn(1, 9, 6, generator=gen), torch.randn(6, 3, generator=gen)
+    x, w = torch.randn(1, 9, 6, generator=gen).to(DEVICE), torch.randn(6, 3, generator=gen).to(DEVICE)
     triton_y = causal_depthwise_conv(x, w, backend="triton")
     torch_y = causal_depthwise_conv(x, w, backend="torch")
     assert rel_err(triton_y, torch_y) < 2e-6
