@@ -6,70 +6,59 @@ Public functions (all filters in causal orientation, ``h[..., 0]`` multiplies th
   (Hyena-SE and Hyena-MR).
 - :func:`gated_fft_conv`: the same semantics by an fp32 FFT, for filters as long as the sequence (Hyena-LI).
 - :func:`causal_depthwise_conv` ``(x, w)``: the featurizer's short depthwise causal convolution.
+- :func:`gated_modal_conv` ``(q, k, v, log_poles, residues, bias, initial_state)``: Hyena-LI by its exact
+  modal recurrence (no FFT, fp32 states; optional initial state in, final state out).
 - :func:`modal_filter` ``(log_poles, residues, length)``: the Hyena-LI filter, built tiled.
 
-``backend`` is ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"torch"`` or ``"triton"``.
-The environment variable ``SH2_KERNEL_BACKEND`` (``torch`` | ``triton``) overrides ``"auto"``, which is
-how tests force a path.
+``backend`` is ``"auto"`` (Triton on CUDA tensors, the reference otherwise), ``"torch"`` or ``"triton"``;
+:func:`resolve_backend` is the one place that decides (float64 and empty inputs always run the
+reference). Settings (:mod:`sh2.kernels.settings`) are read from the environment once:
+``SH2_KERNEL_BACKEND=torch|triton`` changes what ``"auto"`` means for a process, and tests force a
+path with ``with sh2.kernels.use_backend("torch"): ...``.
+
+The Triton kernels are PyTorch custom operators (``torch.ops.sh2.*``) with fake (shape-only)
+implementations and registered autograd formulas, so ``torch.compile(fullgraph=True)`` traces code that
+calls them without a graph break; autotuning runs in the operators' eager bodies, never in traced code.
+
+How a kernel family is laid out (``fir``, ``fft``, ``short_conv``, ``modal``; a new family follows the
+same pattern):
+
+1. ``reference.py``: the readable pure-PyTorch version, the oracle of the tests and the CPU path.
+2. ``<family>.py`` (plus ``<family>_*.py`` kernel modules when the kernels are large): the
+   ``@triton.jit`` kernels, with the length-derived integers that only bound loops and masks in
+   ``do_not_specialize`` (one compiled variant for every length); typed launchers (``*_forward`` /
+   ``*_backward``) that take their launch configuration as a frozen dataclass, choose it with
+   :func:`sh2.kernels._tuning.pick_config`, allocate outputs and scratch with ``_tuning.new_buffer`` and
+   pass ``None`` for absent optional pointers (gated by a ``tl.constexpr`` flag); the custom operators
+   ``sh2::<name>`` and ``sh2::<name>_backward`` (``torch.library.custom_op``) with ``register_fake`` and
+   ``register_autograd``; and ``<name>_triton(...)``, the differentiable entry that normalises layouts
+   and calls the operator.
+3. The public function below: validate the arguments, ``resolve_backend``, then ``<family>.<name>_triton``
+   or the reference. The family module is imported here (when Triton is installed) so that its operators
+   are registered with the rest.
+4. Tests: ``tests/kernels/test_<family>.py`` (float64 brute force and reference, forward and backward,
+   awkward shapes), the launchers in ``tests/kernels/test_bounds.py`` (inputs, outputs and scratch
+   between guard bands), and in ``tests/kernels/test_custom_ops.py`` an ``opcheck`` of each operator and
+   the public function in the ``torch.compile(fullgraph=True)`` test.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sh2.kernels import reference
+from sh2.kernels.dispatch import (
+    TRITON_AVAILABLE,
+    check_depthwise_inputs,
+    check_gated_inputs,
+    check_modal_conv_inputs,
+    check_modal_inputs,
+    resolve_backend,
+)
+from sh2.kernels.settings import KernelSettings, current_settings, override_settings, reload_settings, use_backend
 
-_BACKENDS = ("auto", "torch", "triton")
-
-# Under this many tokens ``auto`` runs the FIR reference: the blocked kernels tile 16-128 tokens, so short
-# calls (the 2(K-1)-token boundary corrections of overlapped context parallelism, tiny tests) gain nothing,
-# and the bf16 blocked backward has failed on the GPU for a 12-token call (illegal memory access).
-MIN_TRITON_FIR_LEN = 128
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Return ``"torch"`` or ``"triton"`` for a requested backend and an input tensor."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        forced = os.environ.get("SH2_KERNEL_BACKEND", "").strip().lower()
-        if forced in ("torch", "triton"):
-            return forced
-        return "triton" if x.is_cuda else "torch"
-    return backend
-
-
-def check_gated_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
-                       bias: torch.Tensor | None, max_len: int | None = None) -> None:
-    """Validate the arguments of the gated convolutions; raise ValueError naming the offending argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == h.device):
-        raise ValueError("q, k, v and h must be on the same device")
-    D = q.shape[-1]
-    if h.dim() != 2:
-        raise ValueError(f"h must have shape [G, K] (causal orientation), got {tuple(h.shape)}")
-    G, K = h.shape
-    if G < 1 or D % G != 0:
-        raise ValueError(f"the number of filter groups G={G} must divide the width D={D}")
-    if K < 1:
-        raise ValueError("h must have at least one tap")
-    if max_len is not None and K > max_len:
-        raise ValueError(f"filter length K={K} exceeds the sequence length L={max_len}; "
-                         f"truncate h to h[:, :L]")
-    if bias is not None:
-        if bias.shape != (D,):
-            raise ValueError(f"bias must have shape [D]=[{D}], got {tuple(bias.shape)}")
-        if bias.device != q.device:
-            raise ValueError("bias must be on the same device as q")
+if TRITON_AVAILABLE:  # registers the sh2:: custom operators
+    from sh2.kernels import fft, fir, modal, modal_conv, short_conv
 
 
 def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
@@ -88,13 +77,8 @@ def gated_fir_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
         ``[B, L, D]`` in the dtype of q (fp32 accumulation).
     """
     check_gated_inputs(q, k, v, h, bias)
-    chosen = resolve_backend(backend, q)
-    if chosen == "triton" and backend == "auto" and q.shape[1] < MIN_TRITON_FIR_LEN:
-        chosen = "torch"
-    if chosen == "triton":
-        from sh2.kernels.fir import gated_fir_conv_triton
-
-        return gated_fir_conv_triton(q, k, v, h, bias)
+    if resolve_backend(backend, q) == "triton":
+        return fir.gated_fir_conv_triton(q, k, v, h, bias)
     return reference.gated_fir_conv_ref(q, k, v, h, bias)
 
 
@@ -103,45 +87,8 @@ def gated_fft_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.T
     """Gated causal long convolution by fp32 FFT; same semantics as :func:`gated_fir_conv`, K <= L."""
     check_gated_inputs(q, k, v, h, bias, max_len=q.shape[1] if q.dim() == 3 else None)
     if resolve_backend(backend, q) == "triton":
-        from sh2.kernels.fft import gated_fft_conv_triton
-
-        return gated_fft_conv_triton(q, k, v, h, bias)
+        return fft.gated_fft_conv_triton(q, k, v, h, bias)
     return reference.gated_fft_conv_ref(q, k, v, h, bias)
-
-
-def check_modal_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
-                       residues: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
-                       check_values: bool) -> None:
-    """Validate the arguments of :func:`gated_modal_conv`; raise ValueError naming the offending argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [B, L, D], got {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must have the same shape and dtype, got {tuple(q.shape)} {q.dtype}, "
-                         f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
-    D = q.shape[-1]
-    if bias is not None and tuple(bias.shape) != (D,):
-        raise ValueError(f"bias must have shape [D]=[{D}], got {tuple(bias.shape)}")
-    for name, t in (("k", k), ("v", v), ("log_poles", log_poles), ("residues", residues), ("bias", bias)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    if log_poles.dim() != 2 or log_poles.shape[0] != D or residues.shape != log_poles.shape:
-        raise ValueError(f"log_poles and residues must both have shape [D, N] with D={D}, got "
-                         f"{tuple(log_poles.shape)} and {tuple(residues.shape)}")
-    if not log_poles.is_floating_point() or not residues.is_floating_point():
-        raise ValueError(f"log_poles and residues must be floating point, got {log_poles.dtype} and {residues.dtype}")
-    if initial_state is not None:
-        want = (q.shape[0], D, log_poles.shape[1])
-        if tuple(initial_state.shape) != want:
-            raise ValueError(f"initial_state must have shape [B, D, N] = {list(want)}, got "
-                             f"{list(initial_state.shape)}")
-        if not initial_state.is_floating_point() or initial_state.device != q.device:
-            raise ValueError(f"initial_state must be a floating-point tensor on {q.device}, got "
-                             f"{initial_state.dtype} on {initial_state.device}")
-    if check_values and log_poles.numel():
-        if not bool(torch.isfinite(log_poles).all()) or bool((log_poles > 0).any()):
-            raise ValueError("log_poles must be finite and <= 0 (per-token decays exp(log_poles) in (0, 1]); got "
-                             f"values in [{log_poles.min().item():g}, {log_poles.max().item():g}]")
 
 
 def gated_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
@@ -169,11 +116,10 @@ def gated_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_pole
     Returns:
         ``y`` in q's dtype, or ``(y, final_state)`` when ``return_state``.
     """
-    check_modal_inputs(q, k, v, log_poles, residues, bias, initial_state, check_values and not _compiling())
+    check_modal_conv_inputs(q, k, v, log_poles, residues, bias, initial_state,
+                            check_values and not _compiling())
     if resolve_backend(backend, q) == "triton":
-        from sh2.kernels.modal_conv import gated_modal_conv_triton
-
-        y, state = gated_modal_conv_triton(q, k, v, log_poles, residues, bias, initial_state)
+        y, state = modal_conv.gated_modal_conv_triton(q, k, v, log_poles, residues, bias, initial_state)
     else:
         y, state = reference.gated_modal_conv_ref(q, k, v, log_poles, residues, bias, initial_state,
                                                   return_state=True)
@@ -186,26 +132,31 @@ def _compiling() -> bool:
 
 
 def causal_depthwise_conv(x: torch.Tensor, w: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Causal depthwise convolution of ``x [B, L, C]`` with ``w [C, K]`` (causal orientation)."""
-    if x.dim() != 3 or w.dim() != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"expected x [B, L, C] and w [C, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    resolve_backend(backend, x)  # validates ``backend``
-    # No Triton featurizer kernel yet (optional in issue 4): every backend uses the reference.
+    """Causal depthwise convolution ``y[b, t, c] = sum_s w[c, s] x[b, t - s, c]``.
+
+    Args:
+        x: ``[B, L, C]``.
+        w: ``[C, K]`` filters in causal orientation.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``[B, L, C]`` in the dtype of x (fp32 accumulation).
+    """
+    check_depthwise_inputs(x, w)
+    if resolve_backend(backend, x) == "triton":
+        return short_conv.causal_depthwise_conv_triton(x, w)
     return reference.causal_depthwise_conv_ref(x, w)
 
 
 def modal_filter(log_poles: torch.Tensor, residues: torch.Tensor, length: int,
                  backend: str = "auto") -> torch.Tensor:
     """Hyena-LI filter ``h[c, t] = sum_n residues[c, n] * exp(log_poles[c, n] * t)``, ``[D, length]`` fp32."""
-    if log_poles.shape != residues.shape or log_poles.dim() != 2:
-        raise ValueError(f"log_poles and residues must both be [D, N], got {tuple(log_poles.shape)} "
-                         f"and {tuple(residues.shape)}")
+    check_modal_inputs(log_poles, residues, length)
     if resolve_backend(backend, log_poles) == "triton":
-        from sh2.kernels.modal import modal_filter_triton
-
-        return modal_filter_triton(log_poles, residues, length)
+        return modal.modal_filter_triton(log_poles, residues, length)
     return reference.modal_filter_ref(log_poles, residues, length)
 
 
-__all__ = ["gated_fir_conv", "gated_fft_conv", "gated_modal_conv", "check_modal_inputs", "causal_depthwise_conv",
-           "modal_filter", "resolve_backend", "check_gated_inputs", "reference"]
+__all__ = ["gated_fir_conv", "gated_fft_conv", "gated_modal_conv", "causal_depthwise_conv", "modal_filter",
+           "resolve_backend", "check_gated_inputs", "check_modal_conv_inputs", "reference", "KernelSettings",
+           "current_settings", "reload_settings", "override_settings", "use_backend"]

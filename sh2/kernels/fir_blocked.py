@@ -1,4 +1,5 @@
-"""Two-stage blocked FIR kernels (SPEC 2.1) for grouped filters, on tensor cores.
+"""Two-stage blocked FIR kernels for grouped filters, on tensor cores (docs/design.md, "Two-stage blocked
+convolution").
 
 The causal convolution of one group of ``dg`` channels is a product with a banded lower-triangular
 Toeplitz matrix. Cut the sequence into chunks of ``BLOCK_T = b >= K`` tokens; only two kinds of
@@ -23,6 +24,12 @@ fp32 ``b x b`` accumulators, merges them (lower triangle from the first, strict 
 which is exact because ``K <= b``) and reduces the diagonals once with a ``tl.gather``; the per-program
 ``[K]`` partials are summed by a second kernel. 16-bit inputs feed the tensor cores in their own dtype
 with fp32 accumulation; fp32 inputs use exact fp32 dots (``input_precision="ieee"``, no tf32).
+
+Integers derived from the sequence length are not specialised (``do_not_specialize``): Triton would
+otherwise compile a separate variant whenever one of them equals 1 (a call of one chunk makes
+``n_chunks = chunks_per_prog = n_seg = 1`` constants and the chunk loop disappears, with a different
+shared-memory plan), a variant only short calls run and the long-sequence GPU tests never exercise. So
+every length runs the same machine code, and lengths share their compilations.
 """
 
 from __future__ import annotations
@@ -82,7 +89,10 @@ def _store_dh(m0, m1, out, K, BLOCK_T: tl.constexpr):
     tl.store(out + offs_t, tl.sum(diag, axis=0), mask=offs_t < K)
 
 
-@triton.jit
+_SEQ_INTS = ("L", "n_chunks", "chunks_per_prog", "n_seg")
+
+
+@triton.jit(do_not_specialize=_SEQ_INTS)
 def _fir_blocked_fwd_kernel(
     q_ptr, k_ptr, v_ptr, h_ptr, bias_ptr, y_ptr,
     L, DG, K, n_chunks, chunks_per_prog, n_seg,
@@ -122,7 +132,7 @@ def _fir_blocked_fwd_kernel(
         x_prev = x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*_SEQ_INTS, "n_cb"))
 def _fir_blocked_bwd_kernel(
     q_ptr, k_ptr, v_ptr, dy_ptr, h_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, db_part_ptr, dh_part_ptr,
     L, D, DG, K, n_chunks, chunks_per_prog, n_seg, n_cb,
@@ -194,7 +204,7 @@ def _fir_blocked_bwd_kernel(
         _store_dh(m0, m1, dh_part_ptr + (pid.to(tl.int64) * n_cb + pid_c) * K, K, BLOCK_T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*_SEQ_INTS, "n_cb"))
 def _fir_blocked_dh_kernel(
     q_ptr, k_ptr, v_ptr, dy_ptr, dh_part_ptr,
     L, K, n_chunks, chunks_per_prog, n_seg, n_cb,

@@ -10,6 +10,9 @@ Backward:
   with ``g = dy * q``; dq, dk, dv and per-program Dskip partials.
 - :func:`_fir_direct_dh_kernel`: per program and channel, ``sum_t g[t] z[t-s]`` for every tap over a
   segment of tiles; the ``[P, D, K]`` fp32 partials are reduced by a second kernel.
+
+As in :mod:`sh2.kernels.fir_blocked`, length-derived integers are not specialised, so that every
+sequence length runs the same compiled kernel.
 """
 
 from __future__ import annotations
@@ -17,19 +20,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _ptrs(base, t, stride_t, offs_c):
-    return base + t.to(tl.int64)[:, None] * stride_t + offs_c[None, :]
+from sh2.kernels._tuning import load_tile as _load
+from sh2.kernels._tuning import tile_ptrs as _ptrs
 
 
-@triton.jit
-def _load(base, t, stride_t, offs_c, L, mc):
-    m = ((t >= 0) & (t < L))[:, None] & mc[None, :]
-    return tl.load(_ptrs(base, t, stride_t, offs_c), mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=("L", "n_t"))
 def _fir_direct_fwd_kernel(
     q_ptr, k_ptr, v_ptr, h_ptr, bias_ptr, y_ptr,
     L, D, DG, K, n_t,
@@ -58,7 +53,7 @@ def _fir_direct_fwd_kernel(
     tl.store(_ptrs(y_ptr + b * syb, t, syl, offs_c), y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("L", "n_t"))
 def _fir_direct_bwd_kernel(
     q_ptr, k_ptr, v_ptr, dy_ptr, h_ptr, bias_ptr, dq_ptr, dk_ptr, dv_ptr, db_part_ptr,
     L, D, DG, K, n_t,
@@ -101,7 +96,7 @@ def _fir_direct_bwd_kernel(
     tl.store(_ptrs(dv_ptr + ob, t, sol, offs_c), (dz * kk).to(odt), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("L", "n_t", "tiles_per_prog", "n_seg"))
 def _fir_direct_dh_kernel(
     q_ptr, k_ptr, v_ptr, dy_ptr, dh_part_ptr,
     L, D, K, n_t, tiles_per_prog, n_seg,

@@ -8,6 +8,8 @@ exists in memory. The backward needs the same exponentials:
 
 Programs walk a segment of the taps for a channel block, accumulate both sums in fp32 registers and
 write ``[n_seg, D, N]`` partials that a second kernel reduces. Everything is fp32.
+
+PyTorch sees the kernels as the custom operators ``sh2::modal_filter`` and ``sh2::modal_filter_backward``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sh2.kernels._tuning import sum_partials
+from sh2.kernels import _tuning
+from sh2.kernels._tuning import split_segments
 
 
 @triton.jit
@@ -69,7 +72,7 @@ _BLOCK_D, _BLOCK_T = 16, 32
 def modal_forward(log_poles: torch.Tensor, residues: torch.Tensor, length: int) -> torch.Tensor:
     """Launch the forward kernel on contiguous ``[D, N]`` parameters; returns ``[D, length]`` fp32."""
     D, N = log_poles.shape
-    h = torch.empty(D, length, device=log_poles.device, dtype=torch.float32)
+    h = _tuning.new_buffer((D, length), torch.float32, log_poles.device)
     if length == 0 or D == 0:
         return h
     grid = (triton.cdiv(D, _BLOCK_D), triton.cdiv(length, _BLOCK_T))
@@ -80,57 +83,70 @@ def modal_forward(log_poles: torch.Tensor, residues: torch.Tensor, length: int) 
 
 def modal_backward(log_poles: torch.Tensor, residues: torch.Tensor, dh: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(d log_poles, d residues)`` in fp32 for a contiguous ``dh [D, L]``."""
+    """Gradients ``(d log_poles, d residues)`` in fp32 for a contiguous fp32 ``dh [D, L]``."""
     D, N = log_poles.shape
     L = dh.shape[1]
+    if L == 0 or D == 0:
+        return torch.zeros(D, N, device=dh.device), torch.zeros(D, N, device=dh.device)
     n_tiles = triton.cdiv(L, _BLOCK_T)
     n_db = triton.cdiv(D, _BLOCK_D)
     # about 1024 programs; each walks a contiguous run of tiles
-    n_seg = max(1, min(n_tiles, 1024 // n_db))
-    tpp = triton.cdiv(n_tiles, n_seg)
-    n_seg = triton.cdiv(n_tiles, tpp)
-    dlp_part = torch.empty(n_seg, D, N, device=dh.device, dtype=torch.float32)
-    dr_part = torch.empty_like(dlp_part)
+    tpp, n_seg = split_segments(n_tiles, n_db, 1024)
+    dlp_part = _tuning.new_buffer((n_seg, D, N), torch.float32, dh.device)
+    dr_part = _tuning.new_buffer((n_seg, D, N), torch.float32, dh.device)
     _modal_bwd_kernel[(n_db, n_seg)](log_poles, residues, dh, dlp_part, dr_part, D, N, L, tpp,
                                      BLOCK_D=_BLOCK_D, BLOCK_N=triton.next_power_of_2(N), BLOCK_T=_BLOCK_T,
                                      num_warps=4)
-    return sum_partials(dlp_part), sum_partials(dr_part)
+    return _tuning.sum_partials(dlp_part), _tuning.sum_partials(dr_part)
 
 
-class ModalFilter(torch.autograd.Function):
-    """Autograd wrapper of the tiled modal filter (gradients to log_poles and residues)."""
+@torch.library.custom_op("sh2::modal_filter", mutates_args=())
+def modal_filter_op(log_poles: torch.Tensor, residues: torch.Tensor, length: int) -> torch.Tensor:
+    """``h[c, t] = sum_n residues[c, n] exp(log_poles[c, n] t)``, ``[D, length]`` fp32."""
+    return modal_forward(log_poles.contiguous(), residues.contiguous(), length)
 
-    @staticmethod
-    def forward(ctx, log_poles: torch.Tensor, residues: torch.Tensor, length: int) -> torch.Tensor:
-        lp, r = log_poles.contiguous(), residues.contiguous()
-        ctx.save_for_backward(lp, r)
-        ctx.dtypes = (log_poles.dtype, residues.dtype)
-        return modal_forward(lp, r, length)
 
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        lp, r = ctx.saved_tensors
-        if dh.shape[1] == 0:
-            return torch.zeros_like(lp), torch.zeros_like(r), None
-        dlp, dr = modal_backward(lp, r, dh.contiguous().float())
-        return dlp.to(ctx.dtypes[0]), dr.to(ctx.dtypes[1]), None
+@modal_filter_op.register_fake
+def _(log_poles, residues, length):
+    return log_poles.new_empty((log_poles.shape[0], length), dtype=torch.float32)
+
+
+@torch.library.custom_op("sh2::modal_filter_backward", mutates_args=())
+def modal_filter_backward_op(log_poles: torch.Tensor, residues: torch.Tensor, dh: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d log_poles, d residues)`` in the parameters' dtypes."""
+    dlp, dr = modal_backward(log_poles.contiguous(), residues.contiguous(), dh.contiguous().float())
+    return dlp.to(log_poles.dtype), dr.to(residues.dtype)
+
+
+@modal_filter_backward_op.register_fake
+def _(log_poles, residues, dh):
+    return log_poles.new_empty(log_poles.shape), residues.new_empty(residues.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    log_poles, residues, _ = inputs
+    ctx.save_for_backward(log_poles, residues)
+
+
+def _backward(ctx, dh: torch.Tensor):
+    log_poles, residues = ctx.saved_tensors
+    dlp, dr = modal_filter_backward_op(log_poles, residues, dh)
+    return dlp, dr, None
+
+
+modal_filter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def modal_filter_triton(log_poles: torch.Tensor, residues: torch.Tensor, length: int) -> torch.Tensor:
     """Triton Hyena-LI filter ``h[c, t] = sum_n residues[c, n] * exp(log_poles[c, n] * t)``.
 
     Args:
-        log_poles: ``[D, N]`` (negative values: per-token decay ``exp(log_poles)`` in (0, 1)).
+        log_poles: ``[D, N]`` fp16/bf16/fp32 (negative values: per-token decay ``exp(log_poles)`` in (0, 1)).
         residues: ``[D, N]``.
-        length: number of taps L.
+        length: number of taps L >= 0.
 
     Returns:
         ``[D, length]`` float32; differentiable with respect to both parameters.
     """
-    if length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
-    if log_poles.dtype == torch.float64:
-        from sh2.kernels.reference import modal_filter_ref
-
-        return modal_filter_ref(log_poles, residues, length)
-    return ModalFilter.apply(log_poles, residues, length)
+    return modal_filter_op(log_poles, residues, length)

@@ -65,7 +65,6 @@ from sh2.kernels.modal_scan import (
 
 # ---------------------------------------------------------------------------------------------------- launchers
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _COMBINE_BLOCK, _COMBINE_UNROLL = 256, 8
 
 
@@ -295,61 +294,117 @@ def input_grads(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 # ---------------------------------------------------------------------------------------------------- autograd
 
 
-class GatedModalConv(torch.autograd.Function):
-    """Autograd of the modal recurrence: gradients to q, k, v, log_poles, residues, bias, initial state."""
+def _empty(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
-                residues: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = (channel_stride_one(x) for x in (q, k, v))
-        lp = log_poles.float().contiguous()
-        res = residues.float().contiguous()
-        b = bias.contiguous() if bias is not None else None
-        s0 = initial_state.float().contiguous() if initial_state is not None else None
-        B, L, D = q.shape
-        plan = plan_chunks(B, L, D, q.device)
-        need_grad = any(ctx.needs_input_grad)
-        ends, sig_ends = chunk_ends(k, v, lp, plan, sigma=need_grad)
-        starts, sig_starts, final, sig_final = combine_states(ends, sig_ends, lp, s0, plan, L)
-        y = forward_output(q, k, v, lp, res, b, starts, plan)
-        if need_grad:
-            ctx.save_for_backward(q, k, v, lp, res, b, s0, starts, sig_starts, sig_final)
-            ctx.plan = plan
-            ctx.dtypes = (log_poles.dtype, residues.dtype, bias.dtype if bias is not None else None)
-        return y, final
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor | None, dfinal: torch.Tensor | None):
-        q, k, v, lp, res, b, s0, starts, sig_starts, sig_final = ctx.saved_tensors
-        plan = ctx.plan
-        dy = channel_stride_one(dy) if dy is not None else torch.zeros_like(q)
-        dfinal = dfinal.float().contiguous() if dfinal is not None else None
-        carries, r0 = adjoint_carries(dy, q, lp, plan)
-        dq, dk, dv, dlam, dr, dskip = input_grads(dy, q, k, v, lp, res, b, starts, sig_starts, carries, dfinal,
-                                                  plan)
-        lam = torch.exp(lp)
-        ds0 = lam * res * r0  # lambda a[0] with a = R r (+ the final-state term below)
-        if dfinal is not None:
-            dlam = dlam + (dfinal * sig_final).sum(0)  # the final state depends on lambda through sigma
-            ds0 = ds0 + torch.exp(lp * q.shape[1]) * dfinal
-        if s0 is not None:  # y[t] reads R lambda^(t+1) S0, whose R-gradient is lambda S0 r[0]
-            dr = dr + (lam * s0 * r0).sum(0)
-        dlp = dlam * lam  # d/d log lambda = lambda d/d lambda
-        lp_dtype, r_dtype, b_dtype = ctx.dtypes
-        return (dq, dk, dv, dlp.to(lp_dtype), dr.to(r_dtype), dskip.to(b_dtype) if dskip is not None else None,
-                ds0 if ctx.needs_input_grad[6] else None)
+@torch.library.custom_op("sh2::gated_modal_conv", mutates_args=())
+def gated_modal_conv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                        residues: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor | None,
+                        save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, final_state, starts, sigma_starts, sigma_final)``: the last three (what the backward reads) are
+    empty unless ``save``."""
+    q, k, v = (channel_stride_one(x) for x in (q, k, v))
+    lp, res = log_poles.float().contiguous(), residues.float().contiguous()
+    s0 = initial_state.float().contiguous() if initial_state is not None else None
+    B, L, D = q.shape
+    plan = plan_chunks(B, L, D, q.device)
+    ends, sig_ends = chunk_ends(k, v, lp, plan, sigma=save)
+    starts, sig_starts, final, sig_final = combine_states(ends, sig_ends, lp, s0, plan, L)
+    y = forward_output(q, k, v, lp, res, bias.contiguous() if bias is not None else None, starts, plan)
+    if not save:
+        return y, final, _empty(q), _empty(q), _empty(q)
+    return y, final, starts, sig_starts, sig_final
+
+
+@gated_modal_conv_op.register_fake
+def _(q, k, v, log_poles, residues, bias, initial_state, save):
+    B, L, D = q.shape
+    N = log_poles.shape[1]
+    final = q.new_empty((B, D, N), dtype=torch.float32)
+    if not save:
+        return q.new_empty(q.shape), final, _empty(q), _empty(q), _empty(q)
+    plan = plan_chunks(B, L, D, q.device)
+    starts = q.new_empty((B, plan.n_chunks, N, D), dtype=torch.float32)
+    return q.new_empty(q.shape), final, starts, torch.empty_like(starts), torch.empty_like(final)
+
+
+@torch.library.custom_op("sh2::gated_modal_conv_backward", mutates_args=())
+def gated_modal_conv_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                                 residues: torch.Tensor, bias: torch.Tensor | None,
+                                 initial_state: torch.Tensor | None, starts: torch.Tensor,
+                                 sigma_starts: torch.Tensor, sigma_final: torch.Tensor, dy: torch.Tensor | None,
+                                 dfinal: torch.Tensor | None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` (q's dtype), ``dlog_poles``, ``dresidues`` (their dtypes), ``dbias`` and ``dinitial_state``
+    (empty when absent). ``dy`` or ``dfinal`` may be None (that output unused)."""
+    if starts.numel() == 0:
+        raise RuntimeError("sh2::gated_modal_conv_backward needs the forward's saved states: run "
+                           "sh2::gated_modal_conv with save=True when gradients are needed")
+    q, k, v = (channel_stride_one(x) for x in (q, k, v))
+    lp, res = log_poles.float().contiguous(), residues.float().contiguous()
+    s0 = initial_state.float().contiguous() if initial_state is not None else None
+    B, L, D = q.shape
+    plan = plan_chunks(B, L, D, q.device)
+    dy = channel_stride_one(dy) if dy is not None else torch.zeros_like(q)
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    carries, r0 = adjoint_carries(dy, q, lp, plan)
+    dq, dk, dv, dlam, dr, dskip = input_grads(dy, q, k, v, lp, res, bias.contiguous() if bias is not None else None,
+                                              starts, sigma_starts, carries, dfinal, plan)
+    lam = torch.exp(lp)
+    ds0 = lam * res * r0  # lambda a[0] with a = R r (+ the final-state term below)
+    if dfinal is not None:
+        dlam = dlam + (dfinal * sigma_final).sum(0)  # the final state depends on lambda through sigma
+        ds0 = ds0 + torch.exp(lp * L) * dfinal
+    if s0 is not None:  # y[t] reads R lambda^(t+1) S0, whose R-gradient is lambda S0 r[0]
+        dr = dr + (lam * s0 * r0).sum(0)
+    dlp = dlam * lam  # d/d log lambda = lambda d/d lambda
+    return (dq, dk, dv, dlp.to(log_poles.dtype), dr.to(residues.dtype),
+            dskip.to(bias.dtype) if bias is not None else _empty(q),
+            ds0.to(initial_state.dtype) if initial_state is not None else _empty(q))
+
+
+@gated_modal_conv_backward_op.register_fake
+def _(q, k, v, log_poles, residues, bias, initial_state, starts, sigma_starts, sigma_final, dy, dfinal):
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), torch.empty_like(log_poles),
+            torch.empty_like(residues), torch.empty_like(bias) if bias is not None else _empty(q),
+            torch.empty_like(initial_state) if initial_state is not None else _empty(q))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, log_poles, residues, bias, initial_state, _ = inputs
+    _, _, starts, sigma_starts, sigma_final = output
+    ctx.save_for_backward(q, k, v, log_poles, residues, bias, initial_state, starts, sigma_starts, sigma_final)
+    ctx.mark_non_differentiable(starts, sigma_starts, sigma_final)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy: torch.Tensor | None, dfinal: torch.Tensor | None, *_saved_grads):
+    q, k, v, log_poles, residues, bias, initial_state, starts, sigma_starts, sigma_final = ctx.saved_tensors
+    if dy is None and dfinal is None:
+        return (None,) * 8
+    dq, dk, dv, dlp, dr, dbias, ds0 = gated_modal_conv_backward_op(
+        q, k, v, log_poles, residues, bias, initial_state, starts, sigma_starts, sigma_final, dy, dfinal)
+    return (dq, dk, dv, dlp, dr, dbias if bias is not None else None, ds0 if initial_state is not None else None,
+            None)
+
+
+gated_modal_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_modal_conv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
                             residues: torch.Tensor, bias: torch.Tensor | None = None,
                             initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton modal recurrence; returns ``(y, final_state)``. float64 and empty inputs use the reference."""
-    if q.dtype not in _TRITON_DTYPES or q.shape[0] == 0 or q.shape[1] == 0:
-        from sh2.kernels.reference import gated_modal_conv_ref
+    """Triton modal recurrence (the ``sh2::gated_modal_conv`` operator); returns ``(y, final_state)``.
 
-        return gated_modal_conv_ref(q, k, v, log_poles, residues, bias, initial_state, return_state=True)
-    return GatedModalConv.apply(q, k, v, log_poles, residues, bias, initial_state)
+    The states the backward reads are kept only when a gradient can flow (grad mode on and an input that
+    requires it).
+    """
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, log_poles, residues, bias, initial_state))
+    y, final, *_ = gated_modal_conv_op(q, k, v, log_poles, residues, bias, initial_state, save)
+    return y, final
 
 
 __all__ = ["gated_modal_conv_triton", "plan_chunks", "ModalPlan", "chunk_ends", "combine_states", "forward_output",

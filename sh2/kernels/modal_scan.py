@@ -164,7 +164,7 @@ def _chunk_of(pid, n_chunks, L, T, UNROLL: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def chunk_state_kernel(k_ptr, v_ptr, lp_ptr, e_ptr, es_ptr, L, T, n_chunks, skb, svb, D: tl.constexpr,
                        skl: tl.constexpr, svl: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
                        UNROLL: tl.constexpr, SIGMA: tl.constexpr):
@@ -204,7 +204,7 @@ def chunk_state_kernel(k_ptr, v_ptr, lp_ptr, e_ptr, es_ptr, L, T, n_chunks, skb,
         _store_slab(es_ptr + slab, D, offs_d, mask_d, sig, N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def combine_kernel(e_ptr, es_ptr, lp_ptr, s0_ptr, sf_ptr, sigf_ptr, L, D, T, n_chunks,
                    N: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, HAS_INIT: tl.constexpr,
                    SIGMA: tl.constexpr):
@@ -255,7 +255,7 @@ def combine_kernel(e_ptr, es_ptr, lp_ptr, s0_ptr, sf_ptr, sigf_ptr, L, D, T, n_c
         tl.store(sigf_ptr + state_idx, sig, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def chunk_output_kernel(q_ptr, k_ptr, v_ptr, y_ptr, lp_ptr, r_ptr, bias_ptr, s_ptr, L, T, n_chunks, sqb, skb, svb, syb,
                         D: tl.constexpr, sql: tl.constexpr, skl: tl.constexpr, svl: tl.constexpr,
                         N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -306,7 +306,7 @@ def chunk_output_kernel(q_ptr, k_ptr, v_ptr, y_ptr, lp_ptr, r_ptr, bias_ptr, s_p
 # pole); the final-state term is added where it is used.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def chunk_adjoint_kernel(dy_ptr, q_ptr, lp_ptr, f_ptr, L, T, n_chunks, sdb, sqb, D: tl.constexpr,
                          sdl: tl.constexpr, sql: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,
                          UNROLL: tl.constexpr):
@@ -336,7 +336,7 @@ def chunk_adjoint_kernel(dy_ptr, q_ptr, lp_ptr, f_ptr, L, T, n_chunks, sdb, sqb,
     _store_slab(f_ptr + (b * n_chunks + c) * N * D, D, offs_d, mask_d, r, N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def combine_adjoint_kernel(f_ptr, lp_ptr, r0_ptr, L, D, T, n_chunks,
                            N: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """Scan the chunks' r right to left: leave in each chunk's place r just past its last token (its carry),
@@ -364,7 +364,7 @@ def combine_adjoint_kernel(f_ptr, lp_ptr, r0_ptr, L, D, T, n_chunks,
     tl.store(r0_ptr + (b * D + d) * N + n, r, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def chunk_dq_kernel(dy_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, lp_ptr, r_ptr, bias_ptr, s_ptr, sig_ptr,
                     dlam_part_ptr, dskip_part_ptr, L, T, n_chunks, sdb, sqb, skb, svb, sob, D: tl.constexpr,
                     sdl: tl.constexpr, sql: tl.constexpr, skl: tl.constexpr, svl: tl.constexpr, N: tl.constexpr,
@@ -433,7 +433,7 @@ def chunk_dq_kernel(dy_ptr, q_ptr, k_ptr, v_ptr, dq_ptr, lp_ptr, r_ptr, bias_ptr
     tl.store(dskip_part_ptr + part * D + offs_d, acc_skip, mask=mask_d)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "n_chunks"])
 def chunk_dkv_kernel(dy_ptr, q_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, lp_ptr, r_ptr, bias_ptr, c_ptr, dsf_ptr,
                      dr_part_ptr, L, T, n_chunks, sdb, sqb, skb, svb, sob, D: tl.constexpr, sdl: tl.constexpr,
                      sql: tl.constexpr, skl: tl.constexpr, svl: tl.constexpr, N: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -7,14 +7,7 @@ import torch
 from kernels_testutil import leaf64, rel_err, toeplitz_gated_conv64
 
 from sh2.kernels import gated_fir_conv, reference
-from sh2.kernels.fir import (
-    BlockedConfig,
-    GatedFIRConv,
-    fir_backward,
-    fir_forward,
-    gated_fir_conv_triton,
-    use_blocked,
-)
+from sh2.kernels.fir import BlockedConfig, fir_backward, fir_forward, gated_fir_conv_triton, use_blocked
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -142,10 +135,6 @@ def test_fir_strided_views_of_projection(dtype, device):
     kt = k.detach().transpose(1, 2).contiguous().transpose(1, 2)
     assert qt.stride(-1) != 1
     assert rel_err(gated_fir_conv_triton(qt, kt, v, h, b), y) < 1e-6
-
-
-def test_fir_autograd_function_is_registered():
-    assert issubclass(GatedFIRConv, torch.autograd.Function)
 
 
 @pytest.mark.parametrize(

@@ -133,18 +133,3 @@ def test_unknown_backend():
     x = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.gated_fir_conv(x, x, x, torch.zeros(2, 3), backend="cuda")
-
-
-def test_auto_dispatch_sends_short_fir_calls_to_the_reference(monkeypatch):
-    """``auto`` would pick Triton here (forced as on CUDA); under MIN_TRITON_FIR_LEN tokens it must not."""
-    import sh2.kernels.fir as fir
-
-    calls = []
-    monkeypatch.setenv("SH2_KERNEL_BACKEND", "triton")
-    monkeypatch.setattr(fir, "gated_fir_conv_triton", lambda *a: calls.append(a) or reference.gated_fir_conv_ref(*a))
-    x = torch.randn(1, kernels.MIN_TRITON_FIR_LEN - 1, 8)
-    kernels.gated_fir_conv(x, x, x, torch.randn(2, 3))
-    assert calls == []
-    x = torch.randn(1, kernels.MIN_TRITON_FIR_LEN, 8)
-    kernels.gated_fir_conv(x, x, x, torch.randn(2, 3))
-    assert len(calls) == 1
