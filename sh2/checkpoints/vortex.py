@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import yaml
 
-from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
+from sh2.checkpoints.files import CheckpointError, CheckpointHint, assemble_shards, load_file
 from sh2.checkpoints.state import LazyStateDict
 from sh2.checkpoints.vortex_config import (
     VortexLayout,
@@ -98,7 +98,8 @@ def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
 
     def get(key: str, ndim: int | None = None) -> torch.Tensor:
         if key not in vsd:
-            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {config.layout})")
+            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {config.layout})",
+                                  hints=[CheckpointHint.MATCH_ARCHITECTURE])
         t = vsd[key]
         if ndim is not None and t.dim() != ndim:
             raise CheckpointError(f"Vortex checkpoint: {key!r} has shape {list(t.shape)}, expected {ndim} dims")
@@ -159,7 +160,8 @@ def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
             _check_zero(key, vsd[key])
             continue
         raise CheckpointError(f"Vortex checkpoint: unexpected key {key!r} for config layout {config.layout} "
-                              f"({config.num_layers} layers); is the config right?")
+                              f"({config.num_layers} layers); is the config right?",
+                              hints=[CheckpointHint.MATCH_ARCHITECTURE])
     return out
 
 
@@ -171,7 +173,8 @@ def _add_fir(out: LazyStateDict, op: str, m: str, v: str, h: torch.Tensor, vsd: 
     d_key = v + "filter.D"
     skip = vsd.get(d_key) if causal else None
     if causal and skip is None:
-        raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)")
+        raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)",
+                              hints=[CheckpointHint.MATCH_ARCHITECTURE])
     if skip is not None:
         used.add(d_key)
 
@@ -236,7 +239,7 @@ def sh2_to_vortex(config: SH2Config, state: Mapping[str, torch.Tensor],
 
     def get(key: str) -> torch.Tensor:
         if key not in state:
-            raise CheckpointError(f"sh2 state dict: missing key {key!r}")
+            raise CheckpointError(f"sh2 state dict: missing key {key!r}", hints=[CheckpointHint.MATCH_ARCHITECTURE])
         return state[key].detach()
 
     def cast(t: torch.Tensor) -> torch.Tensor:
