@@ -64,10 +64,11 @@ class ValidationReport(L.Callback):
         if loss is None:
             return
         dm = trainer.datamodule
-        if self._entropy is None and dm is not None and hasattr(dm, "unigram_entropy"):
+        if self._entropy is None and isinstance(dm, SH2DataModule):
             self._entropy = float(dm.unigram_entropy())
         step = trainer.global_step
-        if trainer.state.fn != "fit" and getattr(pl_module, "checkpoint_step", None) is not None:
+        if (trainer.state.fn != "fit" and isinstance(pl_module, SH2LightningModule)
+                and pl_module.checkpoint_step is not None):
             step = pl_module.checkpoint_step  # validate/test: the loops start at 0; the weights are from here
         msg = f"[sh2] step {step}: val/loss {float(loss):.4f} nats/token"
         if self._entropy is not None:
