@@ -111,7 +111,7 @@ def apply_compile(model: nn.Module, **compile_kwargs: Any) -> None:
         **compile_kwargs: arguments of ``torch.compile`` (``backend``, ``mode``, ``fullgraph``, ...).
     """
     for block in model.blocks:
-        if block._compiled_call_impl is None:  # set by nn.Module.compile: the block is compiled already
+        if block._compiled_call_impl is None:  # what nn.Module.compile sets; None: not compiled yet
             block.compile(**compile_kwargs)
 
 
