@@ -11,7 +11,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, NoReturn
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
@@ -21,8 +22,43 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import sh2.strategies  # noqa: F401  (registers the strategy names sh2_cp, sh2_deepspeed_stage_2, ...)
 from sh2.data.datamodule import SH2DataModule
 from sh2.inference.predict import PredictDataModule, PredictionWriter
-from sh2.training.callbacks import AtomicCheckpointIO, ValidationReport
+from sh2.strategies.cp_ops import MOVED_STRATEGY_KEYS, moved_strategy_key_message
+from sh2.training.callbacks import AtomicCheckpointIO, MemoryReport, ThroughputReport, ValidationReport
 from sh2.training.module import SH2LightningModule
+
+MOVED_MODULE_KEYS = {"log_every_n_steps": "model 'log_every_n_steps' moved: use throughput.log_every_n_steps "
+                                          "(default: trainer.log_every_n_steps)"}
+"""Arguments of the LightningModule that moved elsewhere: old name -> what to write instead."""
+
+
+class SH2ArgumentParser(LightningArgumentParser):
+    """The CLI's parser: a setting that moved gets a message naming its new key.
+
+    jsonargparse names an unknown setting as ``Option 'NAME' is not accepted`` (inside a ``class_path`` such as
+    the strategy's), ``Group 'model' does not accept option 'NAME'`` (a config file) or ``unrecognized
+    arguments: --model.NAME`` (the command line); the new key is added to that error. Hyper-parameters of
+    single-file checkpoints written before a setting moved, which Lightning parses for ``--ckpt_path``, are
+    accepted: their moved module keys are dropped.
+    """
+
+    _UNKNOWN = re.compile(r"[Oo]ption '(\w+)'|--(?:model|trainer\.strategy\.init_args)\.(\w+)")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        for key in dict.fromkeys(k for pair in self._UNKNOWN.findall(message) for k in pair if k):
+            if key in MOVED_STRATEGY_KEYS and "strategy" in message:
+                message += "\n" + moved_strategy_key_message(key)
+            elif key in MOVED_MODULE_KEYS and "model" in message:
+                message += "\n" + MOVED_MODULE_KEYS[key]
+        super().error(message, ex)
+
+    def parse_object(self, obj: Any, namespace: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # the shape LightningCLI gives checkpoint hyper-parameters: {subcommand: {"model": hparams}}
+        if isinstance(obj, dict) and len(obj) == 1:
+            (section,) = obj.values()
+            if isinstance(section, dict) and list(section) == ["model"] and isinstance(section["model"], dict):
+                for key in MOVED_MODULE_KEYS:
+                    section["model"].pop(key, None)
+        return super().parse_object(obj, namespace, *args, **kwargs)
 
 
 class SH2SaveConfigCallback(SaveConfigCallback):
@@ -41,7 +77,12 @@ class SH2SaveConfigCallback(SaveConfigCallback):
 
 class SH2CLI(LightningCLI):
     """LightningCLI for sh2: links sequence length and vocabulary between data and model, adds the
-    checkpoint and validation-report callbacks, TensorBoard logging and atomic checkpoint writes."""
+    checkpoint, validation-report, throughput and memory-estimate callbacks, TensorBoard logging and atomic
+    checkpoint writes; settings that moved are named in errors (:class:`SH2ArgumentParser`)."""
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = SH2ArgumentParser,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.seq_len")
@@ -53,6 +94,8 @@ class SH2CLI(LightningCLI):
                              "checkpoint.filename": "step{step:07d}-val{val/loss:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(ValidationReport, "report")
+        parser.add_lightning_class_args(ThroughputReport, "throughput")
+        parser.add_lightning_class_args(MemoryReport, "memory")
         # `sh2 predict` reads its sequences and options from this group (scoring, embeddings, generation).
         parser.add_class_arguments(PredictDataModule, "prediction", instantiate=True, sub_configs=True)
 
@@ -66,11 +109,8 @@ class SH2CLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
-        if type(getattr(strategy, "_checkpoint_io", None)) in (TorchCheckpointIO, type(None)):
-            try:
-                strategy.checkpoint_io = AtomicCheckpointIO()
-            except AttributeError:  # strategies without a settable checkpoint_io write their own format
-                pass
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: other formats are left alone
+            strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
 

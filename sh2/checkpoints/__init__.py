@@ -9,7 +9,7 @@ Example:
     >>> save_safetensors(model, model.config, "export/my_model.safetensors")  # config in the metadata
 """
 
-from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file, shard_paths
+from sh2.checkpoints.files import CheckpointError, CheckpointHint, assemble_shards, load_file, shard_paths
 from sh2.checkpoints.loading import detect_format, load_into, load_pretrained, read_checkpoint
 from sh2.checkpoints.safetensors_file import save_safetensors
 from sh2.checkpoints.savanna import read_savanna, savanna_to_sh2
@@ -17,7 +17,7 @@ from sh2.checkpoints.state import LazyStateDict, check_state, expected_shapes
 from sh2.checkpoints.vortex import read_vortex, save_vortex, sh2_to_vortex, vortex_to_sh2
 from sh2.checkpoints.vortex_config import config_from_vortex, infer_config, vortex_from_config
 
-__all__ = ["CheckpointError", "LazyStateDict", "assemble_shards", "check_state", "config_from_vortex",
+__all__ = ["CheckpointError", "CheckpointHint", "LazyStateDict", "assemble_shards", "check_state", "config_from_vortex",
            "detect_format", "expected_shapes", "infer_config", "load_file", "load_into", "load_pretrained",
            "read_checkpoint", "read_savanna", "read_vortex", "save_safetensors", "save_vortex", "savanna_to_sh2",
            "shard_paths", "sh2_to_vortex", "vortex_from_config", "vortex_to_sh2"]

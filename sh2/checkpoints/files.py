@@ -11,6 +11,7 @@ weights_only=True)``: tensors stay on disk until they are read, so loading a 40B
 
 from __future__ import annotations
 
+import enum
 import io
 import os
 import pickle
@@ -18,14 +19,36 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
+class CheckpointHint(enum.Enum):
+    """What the user can do about a :class:`CheckpointError`; the caller words it for its own settings."""
+
+    TRUST_PICKLE = "allow pickled Python objects in the file (trusted files only)"
+    INSTALL_PACKAGE = "install the package the message names"
+    MATCH_ARCHITECTURE = "load into a model of the checkpoint's architecture"
+
+
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the model; the message says what to fix."""
+    """A checkpoint that cannot be read or does not match the model; the message says what to fix.
+
+    Args:
+        message: what is wrong, naming the file and key.
+        hints: what the user can do about it, set where the error is raised; empty when the checkpoint
+            itself is missing, incomplete or of an unknown format.
+    """
+
+    def __init__(self, message: str, hints: Iterable[CheckpointHint] = ()) -> None:
+        super().__init__(message)
+        self.hints = frozenset(hints)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the hints when the error crosses processes
+        return type(self), (str(self), self.hints)
 
 
 _PART = re.compile(r"^(?P<base>.+)\.part(?P<idx>\d+)$")
@@ -134,7 +157,8 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise CheckpointError(f"{path} contains pickled Python objects besides tensors ({str(err)[:200]}...). "
-                                  f"If you trust the file, load it with trust_pickle=True") from None
+                                  f"If you trust the file, load it with trust_pickle=True",
+                                  hints=[CheckpointHint.TRUST_PICKLE]) from None
     except RuntimeError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     return torch.load(path, weights_only=False, **kwargs)
@@ -265,12 +289,12 @@ def load_deepspeed_checkpoint(path: str | os.PathLike, trust_pickle: bool = Fals
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder: its fp32 weights are in DeepSpeed's "
                               f"optimizer files, which hold pickled Python objects. If you trust the folder "
                               f"(e.g. your own run), load it with trust_pickle=True (in a config: "
-                              f"model.init_from_trust_pickle: true)")
+                              f"model.init_from_trust_pickle: true)", hints=[CheckpointHint.TRUST_PICKLE])
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the deepspeed package: "
-                              f"pip install 'sh2[deepspeed]'") from None
+                              f"pip install 'sh2[deepspeed]'", hints=[CheckpointHint.INSTALL_PACKAGE]) from None
     client = load_file(sorted(tag.glob("*model_states.pt"))[0], trust_pickle=True)
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
+from sh2.checkpoints.files import CheckpointError, CheckpointHint, assemble_shards, load_file
 from sh2.checkpoints.state import LazyStateDict
 from sh2.checkpoints.vortex import VortexLayout, hyena_rows, layout_decay, present, qkv_rows
 from sh2.checkpoints.vortex_config import identify_kind
@@ -109,7 +109,8 @@ def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interle
         for k in (name, *alts):
             if k in groups.get(j, {}):
                 return groups[j].pop(k), f"sequential.{j}.{k}"
-        raise CheckpointError(f"Savanna checkpoint: missing key 'sequential.{j}.{name}'")
+        raise CheckpointError(f"Savanna checkpoint: missing key 'sequential.{j}.{name}'",
+                          hints=[CheckpointHint.MATCH_ARCHITECTURE])
 
     def permuted(key: str, t: torch.Tensor, src: str, idx: torch.Tensor, flip: bool = False) -> None:
         t2 = t.reshape(t.shape[0], -1)
@@ -169,7 +170,8 @@ def savanna_to_sh2(config: SH2Config, state: Mapping[str, torch.Tensor], interle
     for j, g in groups.items():
         for k in g:
             if not k.endswith(_IGNORED) and not k.startswith("mixer.mixer.conv_bias"):
-                raise CheckpointError(f"Savanna checkpoint: unexpected key 'sequential.{j}.{k}'")
+                raise CheckpointError(f"Savanna checkpoint: unexpected key 'sequential.{j}.{k}'",
+                                      hints=[CheckpointHint.MATCH_ARCHITECTURE])
     return out
 
 

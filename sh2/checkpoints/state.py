@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sh2.checkpoints.files import CheckpointError
+from sh2.checkpoints.files import CheckpointError, CheckpointHint
 from sh2.models.config import SH2Config
 
 
@@ -121,15 +121,17 @@ def check_state(shapes: Mapping[str, tuple[int, ...]], state: LazyStateDict, wha
     for key, shape in shapes.items():
         if key not in state:
             raise CheckpointError(f"{what}: missing key {key!r} (expected shape {list(shape)}); the checkpoint "
-                                  f"does not contain this layer or parameter: is the config right?")
+                                  f"does not contain this layer or parameter: is the config right?",
+                                  hints=[CheckpointHint.MATCH_ARCHITECTURE])
         got = state.shape(key)
         if tuple(got) != tuple(shape):
             src = state.source(key)
             origin = f" (read from checkpoint key {src!r})" if src != key else ""
             raise CheckpointError(f"{what}: shape mismatch at {key!r}{origin}: checkpoint has {list(got)}, the "
-                                  f"model expects {list(shape)}")
+                                  f"model expects {list(shape)}", hints=[CheckpointHint.MATCH_ARCHITECTURE])
     extra = [k for k in state if k not in shapes]
     if extra:
         raise CheckpointError(f"{what}: unexpected key {extra[0]!r} (from {state.source(extra[0])!r}; "
                               f"{len(extra)} unexpected in total); the checkpoint has parameters this config "
-                              f"does not (layer count or operator layout differ?)")
+                              f"does not (layer count or operator layout differ?)",
+                              hints=[CheckpointHint.MATCH_ARCHITECTURE])

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from sh2.checkpoints.files import CheckpointError, assemble_shards, load_file
+from sh2.checkpoints.files import CheckpointError, CheckpointHint, assemble_shards, load_file
 from sh2.checkpoints.state import LazyStateDict
 from sh2.checkpoints.vortex_config import (
     VortexLayout,
@@ -120,7 +120,8 @@ class _VortexReader:
 
     def get(self, key: str, ndim: int | None = None) -> torch.Tensor:
         if key not in self.vsd:
-            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {self.config.layout})")
+            raise CheckpointError(f"Vortex checkpoint: missing key {key!r} (config layout {self.config.layout})",
+                                  hints=[CheckpointHint.MATCH_ARCHITECTURE])
         t = self.vsd[key]
         if ndim is not None and t.dim() != ndim:
             raise CheckpointError(f"Vortex checkpoint: {key!r} has shape {list(t.shape)}, expected {ndim} dims")
@@ -194,7 +195,8 @@ class _VortexReader:
     def get_dskip(self, d_key: str) -> torch.Tensor:
         skip = self.vsd.get(d_key)
         if skip is None:
-            raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)")
+            raise CheckpointError(f"Vortex checkpoint: missing key {d_key!r} (filters of >= 128 taps have a D term)",
+                                  hints=[CheckpointHint.MATCH_ARCHITECTURE])
         self.used.add(d_key)
         return skip
 
@@ -254,7 +256,8 @@ def vortex_to_sh2(config: SH2Config, vsd: Mapping[str, torch.Tensor],
             _check_zero(key, vsd[key])
             continue
         raise CheckpointError(f"Vortex checkpoint: unexpected key {key!r} for config layout {config.layout} "
-                              f"({config.num_layers} layers); is the config right?")
+                              f"({config.num_layers} layers); is the config right?",
+                              hints=[CheckpointHint.MATCH_ARCHITECTURE])
     return out
 
 
@@ -270,7 +273,8 @@ class _VortexWriter:
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self.state:
-            raise CheckpointError(f"sh2 state dict: missing key {key!r}")
+            raise CheckpointError(f"sh2 state dict: missing key {key!r}",
+                                  hints=[CheckpointHint.MATCH_ARCHITECTURE])
         return self.state[key].detach()
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sh2.data.packing import PackedStream, WindowPacker
 from sh2.data.sources import DocumentSource, is_validation_document, load_source
 from sh2.data.tokenizer import VOCAB_SIZE, ByteTokenizer
+from sh2.strategies.contract import DataLayout, strategy_contract
 
 Batch = dict[str, torch.Tensor]
 _STATE_VERSION = 1
@@ -269,25 +270,22 @@ class SH2DataModule(LightningDataModule):
         self._dp_override = (rank, size)
 
     def data_parallel(self) -> tuple[int, int]:
-        """``(dp_rank, dp_size)``: the override, else the strategy's ``data_parallel_rank/size`` (context-
-        parallel peers share them), else its ``distributed_sampler_kwargs``, else the trainer's global
-        rank / world size, else ``(0, 1)``."""
+        """``(dp_rank, dp_size)``: the :meth:`set_data_parallel` override, else the trainer's strategy's
+        (:class:`~sh2.strategies.contract.StrategyContract`; context-parallel peers share them), else
+        ``(0, 1)`` without a trainer."""
         if self._dp_override is not None:
             return self._dp_override
-        trainer = self.trainer
-        if trainer is None:
+        if self.trainer is None:
             return 0, 1
-        strategy = trainer.strategy
-        rank, size = getattr(strategy, "data_parallel_rank", None), getattr(strategy, "data_parallel_size", None)
-        if rank is not None and size is not None:
-            return int(rank), int(size)
-        try:
-            kwargs = strategy.distributed_sampler_kwargs
-        except (AttributeError, RuntimeError, AssertionError):
-            kwargs = None
-        if kwargs and "rank" in kwargs and "num_replicas" in kwargs:
-            return int(kwargs["rank"]), int(kwargs["num_replicas"])
-        return int(trainer.global_rank), int(trainer.world_size)
+        strategy = strategy_contract(self.trainer.strategy)
+        return strategy.data_parallel_rank, strategy.data_parallel_size
+
+    @property
+    def layout(self) -> DataLayout:
+        """The data layout the strategy is told: sequence length, micro-batch and the per-rank state key."""
+        # Lightning saves a datamodule's state_dict under its class name; it holds this rank's stream position
+        return DataLayout(seq_len=self.seq_len, micro_batch_size=self.batch_size,
+                          per_rank_state_keys=(type(self).__qualname__,))
 
     @property
     def num_slots(self) -> int:
@@ -296,7 +294,10 @@ class SH2DataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        """Opens the source and fails early on empty data, a missing text field or an empty split."""
+        """Tells the trainer's strategy the data layout (before the model is built), opens the source and
+        fails early on empty data, a missing text field or an empty split."""
+        if self.trainer is not None:
+            strategy_contract(self.trainer.strategy).set_data_layout(self.layout)
         self.source.check()
         if stage in (None, "fit", "validate", "test") and self.val_fraction > 0:
             self.val_batches_list()

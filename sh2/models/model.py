@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sh2.models.config import SH2Config
 from sh2.models.layers import GatedMLP, RMSNorm
@@ -58,7 +57,6 @@ class SH2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                     bias=False)
-        self.activation_checkpointing = False
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:
@@ -115,10 +113,7 @@ class SH2Model(nn.Module):
         x = self.embed(input_ids)
         hidden = [x] if output_hidden_states else None
         for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, position_ids, use_reentrant=False)
-            else:
-                x = block(x, position_ids)
+            x = block(x, position_ids)
             if hidden is not None:
                 hidden.append(x)
         logits = self.head(x)

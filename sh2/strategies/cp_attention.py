@@ -40,7 +40,7 @@ class UlyssesAttention:
         cp = self.cpg.size
         B, S, H, hd = q.shape
         if H % cp:
-            raise ValueError(f"attention_scheme='a2a' needs num_heads ({H}) divisible by context_parallel_size={cp}")
+            raise ValueError(f"attention_scheme='a2a' needs num_heads ({H}) divisible by cp.size={cp}")
         if k.shape[2] % cp:
             k, v = _expand_kv(k, v, H)
         Hk = k.shape[2]

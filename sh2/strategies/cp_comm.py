@@ -257,7 +257,7 @@ def check_halo(H: int, chunk: int, what: str, cp: int) -> None:
     if H > chunk:
         raise ValueError(
             f"{what}: a filter of {H + 1} taps needs the {H} preceding tokens, but each zig-zag chunk holds only "
-            f"{chunk} tokens (sequence length {2 * cp * chunk}, context_parallel_size={cp}). Use sequences of at "
+            f"{chunk} tokens (sequence length {2 * cp * chunk}, cp.size={cp}). Use sequences of at "
             f"least {2 * cp * H} tokens, or the 'a2a' scheme for this operator.")
 
 

@@ -196,7 +196,7 @@ class AllToAllConv:
     def _check_groups(self, groups: int, width: int) -> None:
         if groups % self.cpg.size or width % self.cpg.size:
             raise ValueError(f"a2a convolution: filter groups ({groups}) and width ({width}) must be divisible by "
-                             f"context_parallel_size={self.cpg.size} so that no filter group is split")
+                             f"cp.size={self.cpg.size} so that no filter group is split")
 
     def fir(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:

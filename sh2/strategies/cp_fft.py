@@ -54,7 +54,7 @@ class P2PFFTConv:
     def __init__(self, cpg: CPGroup) -> None:
         cp = cpg.size
         if cp < 1 or cp & (cp - 1):
-            raise ValueError(f"li_scheme='p2p_fft' needs context_parallel_size to be a power of two, got {cp}")
+            raise ValueError(f"li_scheme='p2p_fft' needs cp.size to be a power of two, got {cp}")
         self.cpg = cpg
 
     def _positions(self, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

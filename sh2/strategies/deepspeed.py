@@ -9,12 +9,14 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from sh2.strategies.context_parallel import ContextParallelMixin, _cp_config_from
+from sh2.strategies.context_parallel import ContextParallelMixin
+from sh2.strategies.cp_ops import CPConfig
 from sh2.strategies.parallelize import apply_context_parallel, cp_group_of
 
 
@@ -40,34 +42,33 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
     partitioned outside their module's forward.
 
     Args:
-        context_parallel_size: ranks per sequence (``"auto"``: all processes of a node).
+        cp: the context-parallel settings, as for :class:`~sh2.strategies.ContextParallelStrategy`
+            (``cp: {size: 2, li_scheme: a2a, ...}``; ``size: auto``: all processes of a node).
         stage: ZeRO stage 1, 2 or 3.
-        li_scheme, fir_scheme, featurizer_scheme, attention_scheme, a2a_pipeline_chunks,
-            ring_attention_backend: as for :class:`~sh2.strategies.ContextParallelStrategy`.
-        force_cp_ops: use the CP operators even with ``context_parallel_size=1``.
+        force_cp_ops: use the CP operators even with ``cp.size`` 1.
         **kwargs: any other argument of Lightning's ``DeepSpeedStrategy`` (offload, buckets, config, ...).
+
+    Raises:
+        ValueError: for an argument that moved into ``cp`` (``context_parallel_size``, ``li_scheme``, ...),
+            naming the new key.
     """
 
     strategy_name = "sh2_cp_deepspeed"
 
-    def __init__(self, context_parallel_size: int | str = 1, stage: int = 2, li_scheme: str = "a2a",
-                 fir_scheme: str = "p2p", featurizer_scheme: str = "p2p", attention_scheme: str = "a2a",
-                 a2a_pipeline_chunks: int = 2, ring_attention_backend: str = "auto", force_cp_ops: bool = False,
+    def __init__(self, cp: CPConfig | dict[str, Any] | None = None, stage: int = 2, force_cp_ops: bool = False,
                  **kwargs: Any) -> None:
         require_deepspeed()
+        self._init_cp(cp, kwargs)
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3 (ZeRO stage), got {stage!r}")
-        if context_parallel_size != "auto" and (not isinstance(context_parallel_size, int)
-                                                or context_parallel_size < 1):
-            raise ValueError(f"context_parallel_size must be a positive integer or 'auto', got "
-                             f"{context_parallel_size!r}")
         super().__init__(stage=stage, **kwargs)
-        self._cp_size_arg = context_parallel_size
-        self._cp_size = 1 if context_parallel_size == "auto" else context_parallel_size
-        self._cp_config = _cp_config_from(li_scheme, fir_scheme, featurizer_scheme, attention_scheme,
-                                          a2a_pipeline_chunks, ring_attention_backend)
         self._force_cp_ops = force_cp_ops
         self._zero_stage = stage
+
+    @property
+    def meta_init(self) -> bool:
+        """Never: DeepSpeed builds the model itself (partitioned under ZeRO-3, whole otherwise)."""
+        return False
 
     @property
     def builds_partitioned_model(self) -> bool:
@@ -88,17 +89,31 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
 
         return GatheredParameters(list(module.parameters()), modifier_rank=0)
 
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO shards optimizer states (stage 1), gradients (2) and parameters (3) over all ranks."""
+        return True
+
+    @property
+    def mixed_precision(self) -> str | None:
+        """``"bf16"`` under a bf16 trainer precision (DeepSpeed keeps fp32 master weights), else None."""
+        return "bf16" if "bf16" in str(self.precision_plugin.precision) else None
+
+    def clip_gradients(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
+        """None: DeepSpeed clips inside its engine (``gradient_clipping`` in its config)."""
+        return None
+
     @override
     def _auto_select_batch_size(self) -> int:
         """DeepSpeed's (logging-only) micro-batch size for ``logging_batch_size_per_gpu="auto"``.
 
         Lightning reads ``train_dataloader.batch_sampler.batch_size``, which sh2's streaming loaders do not
         have (``batch_sampler`` is None: batches come whole from the iterable dataset); the micro-batch is the
-        datamodule's ``batch_size``.
+        one of the data layout the datamodule told the strategy, else Lightning's rule.
         """
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-        return int(batch_size) if isinstance(batch_size, int) and batch_size > 0 else 1
+        if self._data_layout is not None:
+            return self._data_layout.micro_batch_size
+        return super()._auto_select_batch_size()
 
     @override
     def setup_environment(self) -> None:
@@ -106,20 +121,17 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
         from torch.distributed.device_mesh import init_device_mesh
 
         world = self.world_size
-        cp = self.num_processes if self._cp_size_arg == "auto" else self._cp_size
-        if world % cp:
-            raise ValueError(f"the world size ({world} processes) is not divisible by context_parallel_size={cp}")
-        self._cp_size = cp
+        cp = self._resolve_cp_size(world, self.num_processes)
         mesh = init_device_mesh(self.root_device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
         self._set_cp_group(cp_group_of(mesh), mesh["dp"].get_local_rank(), world // cp)
         stage = (self.config.get("zero_optimization") or {}).get("stage", self._zero_stage)
         rank_zero_info(f"sh2 context parallelism on DeepSpeed ZeRO-{stage}: world {world} = dp "
-                       f"{world // cp} x cp {cp}; {self._cp_config}")
+                       f"{world // cp} x cp {cp}; {self._cp}")
 
     def parallelize_model(self, model: nn.Module) -> nn.Module:
-        """Set the CP operators (no parameter sharding here: ZeRO does it in ``setup``)."""
+        """Set the CP operators (no parameter sharding here: ZeRO does it in ``setup``); idempotent."""
         if self._cpg is not None and (self._cp_size > 1 or self._force_cp_ops):
-            apply_context_parallel(model, self._cpg, self._cp_config)
+            apply_context_parallel(model, self._cpg, self._cp)
         if self.builds_partitioned_model:
             from deepspeed.runtime.zero import register_external_parameter
 
@@ -129,7 +141,7 @@ class ContextParallelDeepSpeedStrategy(ContextParallelMixin, DeepSpeedStrategy):
                     for p in filt.parameters():
                         register_external_parameter(block.mixer, p)
             # SH2Model.head reads the LM-head matrix (tied: the embedding) without calling that module
-            head = model.embedding if getattr(model, "lm_head", None) is None else model.lm_head
+            head = model.embedding if model.lm_head is None else model.lm_head
             register_external_parameter(model, head.weight)
         return model
 

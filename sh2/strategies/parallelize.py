@@ -1,14 +1,22 @@
-"""Apply context parallelism and FSDP2 to an :class:`~sh2.models.model.SH2Model` from outside.
+"""Apply activation checkpointing, compilation, context parallelism and FSDP2 to an SH2Model from outside.
 
-torchtitan style: the model is plain PyTorch; this module builds one named DeviceMesh
-(``dp_replicate`` x ``dp_shard`` x ``cp``, CP innermost so a CP group is a set of neighbouring ranks), then
+torchtitan style: the model is plain PyTorch, and every training technique is a function that changes it in
+place, applied in a fixed order from ``SH2LightningModule.configure_model``:
 
-1. sets a :class:`~sh2.strategies.cp_ops.CPSequenceOps` on every mixer (``block.mixer.ops``), and
-2. shards parameters with FSDP2 ``fully_shard`` per block, then the root, over the data-parallel x
-   context-parallel ranks (``dp_shard`` and ``cp`` flattened; HSDP when ``dp_replicate > 1``).
+1. :func:`apply_activation_checkpointing`: every block recomputes its activations in the backward pass;
+2. :func:`apply_compile`: every block is compiled with ``torch.compile``;
+3. the strategy's :meth:`parallelize_model` (:func:`parallelize` for FSDP2), which builds on the named
+   DeviceMesh ``dp_replicate`` x ``dp_shard`` x ``cp`` (CP innermost, so a CP group is a set of neighbouring
+   ranks) and
 
-With a low-precision ``MixedPrecisionPolicy`` every Hyena-LI mixer becomes its own FSDP unit with an fp32
-policy (SPEC 1.2: poles and residues stay fp32; see :func:`apply_fsdp`).
+   a. sets a :class:`~sh2.strategies.cp_ops.CPSequenceOps` on every mixer (:func:`apply_context_parallel`,
+      undone by :func:`remove_context_parallel`), then
+   b. shards parameters with FSDP2 ``fully_shard`` per block, then the root, over the data-parallel x
+      context-parallel ranks (``dp_shard`` and ``cp`` flattened; HSDP when ``dp_replicate > 1``).
+
+Each function is idempotent: it checks the state it creates (the blocks' class, their compiled call, the
+mixers' operators, ``FSDPModule``) instead of marking the model. With a low-precision ``MixedPrecisionPolicy``
+every Hyena-LI mixer becomes its own FSDP unit with an fp32 policy (see :func:`apply_fsdp`).
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sh2.models.filters import ModalFilter
+from sh2.models.seqops import LOCAL_OPS
 from sh2.strategies.cp_comm import CPGroup
 from sh2.strategies.cp_ops import CPConfig, CPSequenceOps, validate_cp_settings
 
@@ -37,7 +47,7 @@ def build_mesh(device_type: str, dp_replicate: int, dp_shard: int, cp: int) -> A
     world = dist.get_world_size()
     if dp_replicate * dp_shard * cp != world:
         raise ValueError(f"data_parallel_replicate_size ({dp_replicate}) x data_parallel_shard_size ({dp_shard}) x "
-                         f"context_parallel_size ({cp}) = {dp_replicate * dp_shard * cp} must equal the world size "
+                         f"cp.size ({cp}) = {dp_replicate * dp_shard * cp} must equal the world size "
                          f"({world})")
     mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, cp), mesh_dim_names=MESH_DIMS)
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
@@ -59,14 +69,75 @@ def cp_group_of(mesh: Any) -> CPGroup:
                    global_ranks=[int(r) for r in sub.mesh.flatten().tolist()])
 
 
+class _CheckpointedBlock(nn.Module):
+    """Runs the block's forward under ``torch.utils.checkpoint`` while training with gradients enabled."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Make every block of ``model`` recompute its activations in the backward pass (idempotent).
+
+    Each block's class is swapped for a subclass whose forward runs under non-reentrant
+    ``torch.utils.checkpoint`` (as FSDP2's ``fully_shard`` swaps classes): unlike a wrapper module, parameter
+    names, state-dict keys and ``model.blocks[i]`` stay what they are, so checkpoints, parameter groups, FSDP
+    units and DeepSpeed registrations see the same model. Evaluation and ``no_grad`` calls run normally.
+    """
+    for block in model.blocks:
+        cls = type(block)
+        if issubclass(cls, _CheckpointedBlock):
+            continue
+        if cls not in _CHECKPOINTED_CLASSES:
+            _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
+        block.__class__ = _CHECKPOINTED_CLASSES[cls]
+
+
+def apply_compile(model: nn.Module, **compile_kwargs: Any) -> None:
+    """Compile every block of ``model`` with ``torch.compile``, in place (idempotent).
+
+    Blocks are compiled one by one (as torchtitan does): they repeat, so the compiled code is reused, and the
+    embedding and head stay eager. ``nn.Module.compile`` compiles the block's call in place, so parameter names
+    and state-dict keys are unchanged. Compile after activation checkpointing (the checkpointed forward is
+    compiled) and before FSDP2 (its hooks, registered later, run eagerly around the compiled code).
+
+    Args:
+        model: an :class:`~sh2.models.model.SH2Model`.
+        **compile_kwargs: arguments of ``torch.compile`` (``backend``, ``mode``, ``fullgraph``, ...).
+    """
+    for block in model.blocks:
+        if block._compiled_call_impl is None:  # what nn.Module.compile sets; None: not compiled yet
+            block.compile(**compile_kwargs)
+
+
 def apply_context_parallel(model: nn.Module, cpg: CPGroup, cp_config: CPConfig | None = None) -> CPSequenceOps:
-    """Validate the settings against the model config and set the CP ops on every mixer."""
+    """Validate the settings against the model config and set the CP ops on every mixer (idempotent).
+
+    Returns:
+        The operators every mixer now holds; the ones already set when they run on ``cpg`` with ``cp_config``.
+    """
     cp_config = cp_config or CPConfig()
+    held = {id(block.mixer.ops): block.mixer.ops for block in model.blocks}
+    if len(held) == 1:
+        (ops,) = held.values()
+        if isinstance(ops, CPSequenceOps) and ops.cpg == cpg and ops.config == cp_config:
+            return ops
     validate_cp_settings(model.config, cpg.size, cp_config)
     ops = CPSequenceOps(cpg, cp_config)
     for block in model.blocks:
         block.mixer.ops = ops
     return ops
+
+
+def remove_context_parallel(model: nn.Module) -> None:
+    """Undo :func:`apply_context_parallel`: every mixer runs the single-process operators again."""
+    for block in model.blocks:
+        block.mixer.ops = LOCAL_OPS
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
@@ -109,7 +180,7 @@ def mixed_precision_policy(name: str | None) -> Any:
 def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, *, mp_policy: Any = None,
                 shard_parameters: bool = True, reshard_after_forward: bool = True,
                 force_cp_ops: bool = False) -> nn.Module:
-    """Apply CP ops and FSDP2 to ``model`` in place (fixed order: CP, then FSDP) and return it.
+    """Apply CP ops and FSDP2 to ``model`` in place (fixed order: CP, then FSDP) and return it (idempotent).
 
     Args:
         model: an :class:`~sh2.models.model.SH2Model` (materialised or on the meta device).
@@ -120,10 +191,12 @@ def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, 
         reshard_after_forward: FSDP2 ``reshard_after_forward`` for every unit.
         force_cp_ops: use the CP operators even with cp = 1 (to exercise their code path on one rank).
     """
+    from torch.distributed.fsdp import FSDPModule
+
     cpg = cp_group_of(mesh)
     if cpg.size > 1 or force_cp_ops:
         apply_context_parallel(model, cpg, cp_config)
-    if shard_parameters:
+    if shard_parameters and not isinstance(model, FSDPModule):
         apply_fsdp(model, fsdp_mesh(mesh), mp_policy, reshard_after_forward)
     return model
 

@@ -24,7 +24,7 @@ def zigzag_indices(length: int, cp: int, rank: int, device: torch.device | str |
     if cp < 1 or not 0 <= rank < cp:
         raise ValueError(f"rank {rank} is not in a context-parallel group of size {cp}")
     if length % (2 * cp):
-        raise ValueError(f"sequence length {length} is not divisible by 2 * context_parallel_size = {2 * cp}; "
+        raise ValueError(f"sequence length {length} is not divisible by 2 * cp.size = {2 * cp}; "
                          f"choose seq_len as a multiple of {2 * cp}")
     c = length // (2 * cp)
     ar = torch.arange(c, device=device)

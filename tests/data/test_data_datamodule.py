@@ -200,16 +200,22 @@ def test_source_errors_surface_in_setup(tmp_path):
 def test_data_parallel_rank_comes_from_the_strategy_first(fasta):
     from types import SimpleNamespace
 
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from sh2.strategies import ContextParallelStrategy
+
     dm = make_dm(fasta)
     assert dm.data_parallel() == (0, 1)
     # a context-parallel strategy: 4 processes, 2 data-parallel groups; CP peers share the dp rank
-    cp = SimpleNamespace(data_parallel_rank=1, data_parallel_size=2)
+    cp = ContextParallelStrategy(cp={"size": 2})
+    cp._set_cp_group(None, 1, 2)
     dm.trainer = SimpleNamespace(strategy=cp, global_rank=3, world_size=4)
     assert dm.data_parallel() == (1, 2)
-    ddp = SimpleNamespace(distributed_sampler_kwargs={"rank": 2, "num_replicas": 4})
-    dm.trainer = SimpleNamespace(strategy=ddp, global_rank=2, world_size=4)
-    assert dm.data_parallel() == (2, 4)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=1, world_size=3)
-    assert dm.data_parallel() == (1, 3)
+    ddp = DDPStrategy(parallel_devices=[torch.device("cpu")] * 4)  # the distributed sampler's coordinate
+    dm.trainer = SimpleNamespace(strategy=ddp, global_rank=0, world_size=4)
+    assert dm.data_parallel() == (0, 4)
+    dm.trainer = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), global_rank=0, world_size=1)
+    assert dm.data_parallel() == (0, 1)
     dm.set_data_parallel(0, 5)
     assert dm.data_parallel() == (0, 5)

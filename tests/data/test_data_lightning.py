@@ -1,5 +1,6 @@
 """SH2DataModule inside Lightning: the consumed-batch count survives a checkpoint, and resumed training sees
-exactly the batches an uninterrupted run sees; the state of every data-parallel rank is gathered."""
+exactly the batches an uninterrupted run sees; the state of every data-parallel rank is gathered; the strategy
+is told the data layout and gives the data-parallel rank."""
 
 import os
 
@@ -75,7 +76,8 @@ def test_resumed_fit_trains_on_the_uninterrupted_batches(tmp_path, num_workers):
     full, _ = fit(dm(), 7, tmp_path / "full")
     assert len(full.trained_on) == 7 and full.val_batches > 0
     ckpt = tmp_path / "full" / "ckpt" / "epoch=0-step=3.ckpt"
-    saved = torch.load(ckpt, weights_only=False)["SH2DataModule"]
+    (key,) = dm().layout.per_rank_state_keys  # the entry the strategy is told to save once per rank
+    saved = torch.load(ckpt, weights_only=False)[key]
     assert saved["per_rank"] == {0: {"batches": 3}}, "prefetched batches must not count as consumed"
 
     resumed, trainer = fit(dm(), 7, tmp_path / "resumed", ckpt_path=ckpt)
@@ -137,3 +139,24 @@ def test_fit_without_validation(tmp_path):
     dm = SH2DataModule(path=str(path), seq_len=SEQ_LEN, batch_size=BATCH, val_fraction=0.0)
     model, trainer = fit(dm, 4, tmp_path)
     assert trainer.global_step == 4 and model.val_batches == 0
+
+
+def test_setup_tells_the_strategy_the_layout_and_the_ranks_come_from_the_strategy(tmp_path):
+    from types import SimpleNamespace
+
+    from sh2.strategies import ContextParallelStrategy
+    from sh2.strategies.contract import DataLayout
+
+    strategy = ContextParallelStrategy(cp={"size": 2})
+    strategy._set_cp_group(None, 1, 2)  # data-parallel rank 1 of 2 (what setup_environment sets)
+    dm = SH2DataModule(path=str(write_fasta(tmp_path / "g.fa")), seq_len=SEQ_LEN, batch_size=BATCH,
+                       val_fraction=0.2)
+    dm.trainer = SimpleNamespace(strategy=strategy)
+    dm.setup("fit")
+    assert strategy._data_layout == DataLayout(seq_len=SEQ_LEN, micro_batch_size=BATCH,
+                                               per_rank_state_keys=("SH2DataModule",))
+    assert dm.data_parallel() == (1, 2)
+    reference = SH2DataModule(path=str(tmp_path / "g.fa"), seq_len=SEQ_LEN, batch_size=BATCH, val_fraction=0.2)
+    reference.set_data_parallel(1, 2)
+    got, expected = next(iter(dm.train_dataloader())), next(reference.train_batches().rank_batches())
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from sh2.models import SH2Config, SH2Model, parameter_groups
 from sh2.models.filters import DecayedFilter, ModalFilter
+from sh2.strategies import apply_activation_checkpointing
 
 SMALL = dict(hidden_size=32, num_heads=2, mlp_hidden_size=48, se_groups=4, mr_groups=4, mr_filter_len=12,
              mr_ref_len=64)
@@ -203,7 +204,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(x).sum().backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(model)
     model(x).sum().backward()
     for a, p in zip(g1, model.parameters()):
         torch.testing.assert_close(p.grad, a)

@@ -20,7 +20,12 @@ from sh2.models.config import SH2Config
 from sh2.models.model import SH2Model
 from sh2.strategies.cp_comm import CPGroup
 from sh2.strategies.cp_ops import CPConfig
-from sh2.strategies.parallelize import apply_context_parallel, context_parallel_loss
+from sh2.strategies.parallelize import (
+    apply_activation_checkpointing,
+    apply_context_parallel,
+    context_parallel_loss,
+    remove_context_parallel,
+)
 from sh2.strategies.sharding import shard_batch
 
 CONFIG = dict(hidden_size=32, num_layers=5, num_heads=4, mlp_hidden_size=64, se_groups=4, mr_groups=4,
@@ -57,7 +62,8 @@ def _model_job(rank: int, world: int) -> None:
 
     for scheme, recompute in [(s, False) for s in SCHEMES] + [(SCHEMES[1], True)]:
         model = copy.deepcopy(base)
-        model.activation_checkpointing = recompute  # the backward re-runs the exchanges of the forward
+        if recompute:  # the backward re-runs the exchanges of the forward
+            apply_activation_checkpointing(model)
         apply_context_parallel(model, cpg, scheme)
         local = shard_batch(batch, cp, rank)
         loss = context_parallel_loss(*_loss_sums(model, local), cpg)
@@ -71,6 +77,12 @@ def _model_job(rank: int, world: int) -> None:
             if not err < 1e-5:
                 bad[name] = err
         assert not bad, f"cp={cp} {scheme}: gradient relative errors {bad}"
+
+    # without its CP operators the model is the single-process model again, on the whole sequence
+    remove_context_parallel(model)
+    with torch.no_grad():
+        loss_sum, weight_sum = _loss_sums(model, batch)
+    assert rel_err(loss_sum / weight_sum, ref_loss) < 1e-6
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,8 +1,8 @@
 """ContextParallelStrategy in Lightning: same training losses as one process; bad settings fail at start.
 
-A small LightningModule follows the sh2 module contract (``configure_model`` calls
-``strategy.parallelize_model``; the loss goes through ``strategy.reduce_loss``). Two gloo processes train
-with CP = 2 and FSDP2 and must log the losses of a plain single-process loop on the same batches.
+A small LightningModule uses the strategy as sh2's module does, through its contract (``configure_model``
+calls ``parallelize_model``; the loss goes through ``reduce_loss``). Two gloo processes train with CP = 2 and
+FSDP2 and must log the losses of a plain single-process loop on the same batches.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from cp_harness import run_distributed
 
+from sh2.data.datamodule import SH2DataModule
 from sh2.models.config import SH2Config
 from sh2.models.model import SH2Model
-from sh2.strategies import ContextParallelStrategy, CPConfig
+from sh2.strategies import ContextParallelStrategy, CPConfig, apply_activation_checkpointing, strategy_contract
+from sh2.strategies.contract import DataLayout
 from sh2.strategies.cp_ops import check_sequence_length, validate_cp_settings
 from sh2.strategies.sharding import shard_batch
 
@@ -56,7 +58,7 @@ def loss_terms(model: SH2Model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 class ContractModule(L.LightningModule):
-    """The sh2 module contract in 30 lines."""
+    """sh2's module in 30 lines: the model built, then changed from outside, and the loss through the contract."""
 
     def __init__(self, config: dict, activation_checkpointing: bool = False) -> None:
         super().__init__()
@@ -70,12 +72,12 @@ class ContractModule(L.LightningModule):
             return
         torch.manual_seed(0)
         self.model = SH2Model(SH2Config(**self.cfg))
-        self.model.activation_checkpointing = self.activation_checkpointing
-        if hasattr(self.trainer.strategy, "parallelize_model"):
-            self.trainer.strategy.parallelize_model(self.model)
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        strategy_contract(self.trainer.strategy).parallelize_model(self.model)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.trainer.strategy.reduce_loss(*loss_terms(self.model, batch))
+        loss = strategy_contract(self.trainer.strategy).reduce_loss(*loss_terms(self.model, batch))
         self.losses.append(float(loss.detach()))
         return loss
 
@@ -112,9 +114,11 @@ def _strategy_job(rank: int, world: int, root: str) -> None:
 
     for scheme in ({}, {"li_scheme": "p2p_fft", "attention_scheme": "ring", "fir_scheme": "a2a"}):
         module = ContractModule(CONFIG)
-        strategy = ContextParallelStrategy(context_parallel_size=2, **scheme)
+        strategy = ContextParallelStrategy(cp={"size": 2, **scheme})
         trainer = _trainer(strategy, root)
         trainer.fit(module, loader)
+        # idempotent: a second call applies nothing twice (FSDP2's fully_shard raises when applied again)
+        assert strategy.parallelize_model(module.model) is module.model
         assert strategy.data_parallel_size == 1 and strategy.data_parallel_rank == 0
         assert strategy.context_parallel_rank == rank
         errs = [abs(a - b) / abs(b) for a, b in zip(module.losses, expected)]
@@ -124,7 +128,7 @@ def _strategy_job(rank: int, world: int, root: str) -> None:
     # activation checkpointing (blocks recomputed in the backward: the combination that failed on 4 H100s)
     for ckpt_blocks in (False, True):
         module = ContractModule(CONFIG, activation_checkpointing=ckpt_blocks)
-        _trainer(ContextParallelStrategy(context_parallel_size=2, mixed_precision="bf16"), root).fit(module, loader)
+        _trainer(ContextParallelStrategy(cp={"size": 2}, mixed_precision="bf16"), root).fit(module, loader)
         assert max(abs(a - b) / b for a, b in zip(module.losses, expected)) < 1e-2, (module.losses, expected)
         assert module.model.blocks[2].mixer.filter.R.dtype == torch.float32
 
@@ -133,20 +137,24 @@ def _strategy_job(rank: int, world: int, root: str) -> None:
     trainer.save_checkpoint(ckpt)
     assert os.path.isfile(os.path.join(ckpt, f"data_state_rank{rank}.pt"))
     module = ContractModule(CONFIG)
-    resumed = _trainer(ContextParallelStrategy(context_parallel_size=2), root, steps=STEPS)
+    resumed = _trainer(ContextParallelStrategy(cp={"size": 2}), root, steps=STEPS)
     resumed.fit(module, torch.utils.data.DataLoader(_Batches(make_batches(n=STEPS + 1)), batch_size=2),
                 ckpt_path=ckpt)
     assert resumed.global_step == STEPS
 
     # bad settings fail at start, naming the setting
-    with pytest.raises(ValueError, match="context_parallel_size=4"):
-        _trainer(ContextParallelStrategy(context_parallel_size=4), root).fit(ContractModule(CONFIG), loader)
-    with pytest.raises(ValueError, match="num_heads=1 is not divisible by context_parallel_size=2"):
-        _trainer(ContextParallelStrategy(context_parallel_size=2), root).fit(
-            ContractModule({**CONFIG, "num_heads": 1}), loader)
+    with pytest.raises(ValueError, match="not divisible by cp.size=4"):
+        _trainer(ContextParallelStrategy(cp={"size": 4}), root).fit(ContractModule(CONFIG), loader)
+    with pytest.raises(ValueError, match="num_heads=1 is not divisible by cp.size=2"):
+        _trainer(ContextParallelStrategy(cp={"size": 2}), root).fit(ContractModule({**CONFIG, "num_heads": 1}), loader)
     odd = torch.utils.data.DataLoader(_Batches(make_batches(length=30)), batch_size=2)
-    with pytest.raises(ValueError, match="not divisible by 2 \\* context_parallel_size = 4"):
-        _trainer(ContextParallelStrategy(context_parallel_size=2), root).fit(ContractModule(CONFIG), odd)
+    with pytest.raises(ValueError, match="not divisible by 2 \\* cp.size = 4"):
+        _trainer(ContextParallelStrategy(cp={"size": 2}), root).fit(ContractModule(CONFIG), odd)
+    # the datamodule tells the strategy its sequence length: a bad one fails before the model is built
+    module = ContractModule(CONFIG)
+    with pytest.raises(ValueError, match="sequence length 30 is not divisible by 2 \\* cp.size = 4"):
+        _trainer(ContextParallelStrategy(cp={"size": 2}), root).fit(module, datamodule=SH2DataModule(seq_len=30))
+    assert module.model is not None and not module.losses  # stopped in the strategy's setup, before any step
 
 
 class _PerDataRank(L.LightningDataModule):
@@ -188,7 +196,7 @@ def _dp_cp_job(rank: int, world: int, root: str) -> None:
     expected = reference_dp_losses(batches, 2)
     for kwargs in ({}, {"data_parallel_replicate_size": 2}):
         module = ContractModule(CONFIG)
-        strategy = ContextParallelStrategy(context_parallel_size=2, **kwargs)
+        strategy = ContextParallelStrategy(cp={"size": 2}, **kwargs)
         trainer = L.Trainer(accelerator="cpu", devices=4, strategy=strategy, max_steps=STEPS, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             use_distributed_sampler=False, default_root_dir=root)
@@ -212,15 +220,15 @@ def test_strategy_trains_like_a_single_process_and_rejects_bad_settings() -> Non
 
 def test_bad_settings_name_the_setting() -> None:
     cfg = SH2Config(**CONFIG)
-    with pytest.raises(ValueError, match="se_groups=4 is not divisible by context_parallel_size=8"):
+    with pytest.raises(ValueError, match="se_groups=4 is not divisible by cp.size=8"):
         validate_cp_settings(cfg, 8, CPConfig(fir_scheme="a2a"))
-    with pytest.raises(ValueError, match="num_heads=4 is not divisible by context_parallel_size=8"):
+    with pytest.raises(ValueError, match="num_heads=4 is not divisible by cp.size=8"):
         validate_cp_settings(cfg.replace(layout="SSS*"), 8, CPConfig())
     with pytest.raises(ValueError, match="power of two"):
         validate_cp_settings(cfg, 3, CPConfig(li_scheme="p2p_fft"))
     with pytest.raises(ValueError, match="li_scheme must be one of"):
         CPConfig(li_scheme="ring")
-    with pytest.raises(ValueError, match="2 \\* context_parallel_size = 8"):
+    with pytest.raises(ValueError, match="2 \\* cp.size = 8"):
         check_sequence_length(100, 4)
     validate_cp_settings(cfg, 8, CPConfig(attention_scheme="ring", li_scheme="p2p_fft"))  # p2p FIR: no limit
 
@@ -238,29 +246,27 @@ def test_strategies_are_registered_and_deepspeed_is_lazy() -> None:
 
     import sh2.strategies as strategies
 
-    assert "sh2_cp" in StrategyRegistry and "sh2_cp_deepspeed" in StrategyRegistry
-    assert isinstance(StrategyRegistry.get("sh2_cp"), ContextParallelStrategy)
+    assert {"sh2_cp", "sh2_cp_deepspeed", "sh2_deepspeed_stage_1", "sh2_deepspeed_stage_2",
+            "sh2_deepspeed_stage_3"} <= set(StrategyRegistry)
+    strategy = StrategyRegistry.get("sh2_cp")
+    assert isinstance(strategy, ContextParallelStrategy) and strategy.cp_config.size == "auto"
+    assert StrategyRegistry.get("sh2_cp").cp_config is not strategy.cp_config  # no config shared between runs
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="pip install"):
-            strategies.ContextParallelDeepSpeedStrategy(context_parallel_size=2)
+            strategies.ContextParallelDeepSpeedStrategy(cp={"size": 2})
 
 
-def test_deepspeed_logging_batch_size_comes_from_the_datamodule() -> None:
+def test_deepspeed_logging_batch_size_is_the_micro_batch_of_the_data_layout() -> None:
     # Lightning's own rule reads train_dataloader.batch_sampler.batch_size, which is None for sh2's streaming
     # loaders (an AttributeError in ZeRO-3's configure_model when the CLI passes logging_batch_size_per_gpu="auto")
     from types import SimpleNamespace
 
-    from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy
-
-    def module(datamodule: object) -> SimpleNamespace:
-        return SimpleNamespace(trainer=SimpleNamespace(datamodule=datamodule))
+    from sh2.strategies.deepspeed import ContextParallelDeepSpeedStrategy  # importable without deepspeed
 
     pick = ContextParallelDeepSpeedStrategy._auto_select_batch_size
-    assert pick(SimpleNamespace(lightning_module=module(SimpleNamespace(batch_size=3)))) == 3
-    assert pick(SimpleNamespace(lightning_module=module(None))) == 1
-    assert pick(SimpleNamespace(lightning_module=None)) == 1
+    assert pick(SimpleNamespace(_data_layout=DataLayout(seq_len=64, micro_batch_size=3))) == 3
 
 
 def test_deepspeed_zero3_registers_the_parameters_mixers_read_outside_their_forward() -> None:
@@ -273,7 +279,7 @@ def test_deepspeed_zero3_registers_the_parameters_mixers_read_outside_their_forw
     assert not ContextParallelDeepSpeedStrategy(stage=2).builds_partitioned_model
     for tied in (True, False):
         model = SH2Model(SH2Config.from_name("tiny", tie_embeddings=tied))
-        ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=3).parallelize_model(model)
+        ContextParallelDeepSpeedStrategy(cp={"size": 1}, stage=3).parallelize_model(model)
         for block in model.blocks:
             filt = getattr(block.mixer, "filter", None)
             if filt is not None:

@@ -189,3 +189,80 @@ def test_predict_yaml_in_docs_parses(tmp_path):
     cli = _ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(cfg)])
     assert cli.config["prediction"]["path"] == "my_sequences.fasta"
     assert cli.config["model"]["init_from"] == "weights/evo2_7b/evo2_7b.pt"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--trainer.strategy.init_args.context_parallel_size", "2"],
+     "strategy 'context_parallel_size' moved: use cp: {size: ...} (trainer.strategy.init_args.cp.size"),
+    (["--trainer.strategy.init_args.attention_scheme", "ring"],
+     "strategy 'attention_scheme' moved: use cp: {attention_scheme: ...}"),
+    (["--model.log_every_n_steps", "5"], "model 'log_every_n_steps' moved: use throughput.log_every_n_steps"),
+])
+def test_moved_settings_are_refused_naming_the_new_key(extra, needle, capsys):
+    with pytest.raises(SystemExit):
+        _ParseOnly(SH2LightningModule, SH2DataModule, run=False,
+                   args=["--config", str(ROOT / "configs/tiny_cp.yaml"), *extra])
+    assert needle in capsys.readouterr().err
+
+
+def test_a_config_file_with_the_flat_cp_keys_is_refused_naming_the_new_key(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    new = "      cp:\n        size: 2\n        li_scheme: a2a"
+    old.write_text((ROOT / "configs/tiny_cp.yaml").read_text().replace(
+        new, "      context_parallel_size: 2\n      li_scheme: a2a\n      cp:"))
+    with pytest.raises(SystemExit):
+        _ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(old)])
+    assert "strategy 'context_parallel_size' moved: use cp: {size: ...}" in capsys.readouterr().err
+
+
+def test_cp_settings_nest_under_cp_and_the_reports_are_default_callbacks():
+    from sh2.strategies import ContextParallelStrategy, CPConfig
+    from sh2.training.callbacks import MemoryReport, ThroughputReport, ValidationReport
+
+    cli = SH2CLI(SH2LightningModule, SH2DataModule, run=False,
+                 args=["--config", str(ROOT / "configs/tiny_cp.yaml"), "--trainer.logger", "false",
+                       "--trainer.strategy.init_args.cp.li_scheme", "p2p_fft"])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, ContextParallelStrategy)
+    assert strategy.cp_config == CPConfig(size=2, li_scheme="p2p_fft")
+    kinds = {type(cb) for cb in cli.trainer.callbacks}
+    assert {ThroughputReport, MemoryReport, ValidationReport} <= kinds
+
+
+def test_registered_strategy_names_still_work():
+    from sh2.strategies import ContextParallelStrategy
+
+    cli = SH2CLI(SH2LightningModule, SH2DataModule, run=False,
+                 args=["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.logger", "false",
+                       "--trainer.strategy", "sh2_cp"])
+    assert isinstance(cli.trainer.strategy, ContextParallelStrategy)
+    assert cli.trainer.strategy.cp_config.size == "auto"
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        for name in ("sh2_cp_deepspeed", "sh2_deepspeed_stage_1", "sh2_deepspeed_stage_2", "sh2_deepspeed_stage_3"):
+            with pytest.raises(ImportError, match="pip install 'sh2\\[deepspeed\\]'"):
+                SH2CLI(SH2LightningModule, SH2DataModule, run=False,
+                       args=["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.logger", "false",
+                             "--trainer.strategy", name])
+
+
+def test_a_checkpoint_with_the_old_module_hyperparameters_still_validates(tmp_path):
+    # single-file checkpoints written before the throughput interval moved carry model.log_every_n_steps;
+    # Lightning parses a --ckpt_path file's hyper-parameters into the model's settings
+    import torch
+
+    cli = SH2CLI(SH2LightningModule, SH2DataModule, run=False, save_config_callback=None,
+                 args=["--config", str(ROOT / "configs/tiny.yaml"), "--data.seq_len", "64", "--data.val_batches", "1",
+                       "--trainer.logger", "false", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+                       "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path)])
+    cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = tmp_path / "old.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state["hyper_parameters"]["log_every_n_steps"] = 10
+    torch.save(state, ckpt)
+    SH2CLI(SH2LightningModule, SH2DataModule, save_config_callback=None,
+           args=["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--data.seq_len", "64",
+                 "--data.val_batches", "1", "--trainer.logger", "false", "--trainer.limit_val_batches", "1",
+                 "--ckpt_path", str(ckpt)])

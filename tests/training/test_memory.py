@@ -100,11 +100,12 @@ def test_module_reports_for_its_strategy():
     # what `sh2 fit` prints at the start on GPUs: the module's config, seq_len and checkpointing, the strategy's
     # CP size, data-parallel size and FSDP2 mixed precision
     from sh2.strategies import ContextParallelStrategy
+    from sh2.training.callbacks import MemoryReport
     from sh2.training.module import SH2LightningModule
 
     module = SH2LightningModule(preset="evo2_7b_1m", seq_len=1048576, activation_checkpointing=True)
-    strategy = ContextParallelStrategy(context_parallel_size=16, mixed_precision="bf16")
+    strategy = ContextParallelStrategy(cp={"size": 16}, mixed_precision="bf16")
     strategy._set_cp_group(None, 0, 1)
-    msg, over = module.memory_report(strategy, 79.2)
+    msg, over = MemoryReport.report(module, strategy, 79.2)
     expected = estimate_training_memory(module.config, 1048576, cp=16, dp=1).total
     assert f"{expected:.1f} GiB per GPU" in msg and not over

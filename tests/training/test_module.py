@@ -1,16 +1,21 @@
-"""SH2LightningModule: exact resumption, schedules, NaN guard, FLOP accounting, atomic checkpoints."""
+"""SH2LightningModule: exact resumption, schedules, NaN guard, FLOP accounting, atomic checkpoints, the model
+built and then changed from outside in a fixed order, and init_from errors that name their fix."""
 
+import argparse
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from conftest import LossRecorder, make_data, make_module, make_trainer
 
+from sh2.checkpoints import CheckpointError, CheckpointHint
 from sh2.models import SH2Config
-from sh2.training.callbacks import AtomicCheckpointIO
+from sh2.strategies.contract import LightningStrategyAdapter
+from sh2.training.callbacks import AtomicCheckpointIO, ThroughputReport
 from sh2.training.flops import fft_conv_flops_per_token, flops_breakdown, model_flops_per_token
-from sh2.training.module import warmup_cosine
+from sh2.training.module import SH2LightningModule, warmup_cosine
 
 
 def test_resumed_run_matches_uninterrupted_run_bit_for_bit(tmp_path):
@@ -126,8 +131,58 @@ def test_test_subcommand_reports_the_validation_loss_as_test_metrics(tmp_path):
 
 
 def test_throughput_is_sampled_once_per_optimizer_step_with_gradient_accumulation(tmp_path):
-    module = make_module(log_every_n_steps=1)
-    make_trainer(tmp_path, 4, accumulate_grad_batches=2).fit(module, make_data())
+    report = ThroughputReport(log_every_n_steps=1)
+    make_trainer(tmp_path, 4, [report], accumulate_grad_batches=2).fit(make_module(), make_data())
     # 8 micro-batches end at global steps 0,1,1,2,2,3,3,4: five distinct steps, the first only starts the clock,
     # so 4 samples (7 if every micro-batch were sampled)
-    assert len(module._perf) == 4
+    assert len(report.samples) == 4
+
+
+def test_configure_model_checkpoints_then_compiles_then_hands_the_model_to_the_strategy(monkeypatch):
+    import sh2.training.module as module_file
+
+    order = []
+    monkeypatch.setattr(module_file, "apply_activation_checkpointing", lambda model: order.append("checkpointing"))
+    monkeypatch.setattr(module_file, "apply_compile", lambda model: order.append("compile"))
+
+    class Recording(LightningStrategyAdapter):
+        def parallelize_model(self, model):
+            order.append("parallelize")
+            return model
+
+    module = make_module(activation_checkpointing=True, compile=True)
+    module._trainer = SimpleNamespace(strategy=Recording(None))
+    module.configure_model()
+    assert order == ["checkpointing", "compile", "parallelize"]
+
+
+def test_checkpointing_and_compile_settings_reach_every_block():
+    module = make_module(activation_checkpointing=True, compile=True)
+    module.configure_model()  # no trainer: the plain contract, nothing parallelized
+    assert all(type(b).__name__ == "CheckpointedSH2Block" for b in module.model.blocks)
+    assert all(b._compiled_call_impl is not None for b in module.model.blocks)  # compiled on the first call
+    plain = make_module()
+    plain.configure_model()
+    assert all(type(b).__name__ == "SH2Block" and b._compiled_call_impl is None for b in plain.model.blocks)
+
+
+def test_init_from_errors_end_with_the_fix_their_raise_site_chose(tmp_path):
+    from sh2.models import SH2Model
+
+    wide = tmp_path / "wide.pt"
+    torch.save(SH2Model(SH2Config.from_name("tiny", hidden_size=256, num_heads=4)).state_dict(), wide)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"embedding.weight": torch.zeros(1), "args": argparse.Namespace(lr=1)}, pickled)
+    cases = [(wide, {CheckpointHint.MATCH_ARCHITECTURE}, "point model.init_from at a checkpoint whose "
+              "architecture matches model.preset / model.overrides (or change those to the checkpoint's "
+              "architecture)"),
+             (pickled, {CheckpointHint.TRUST_PICKLE}, "set model.init_from_trust_pickle: true if you trust the file"),
+             (tmp_path / "missing.pt", set(), "point model.init_from at an existing, complete checkpoint (an sh2 "
+              ".ckpt file or folder, a Vortex .pt or a Savanna folder)")]
+    for path, hints, fix in cases:
+        module = SH2LightningModule(preset="tiny", seq_len=64, init_from=str(path))
+        with pytest.raises(CheckpointError) as err:
+            module.configure_model()
+        assert err.value.hints == hints, path
+        assert str(err.value).startswith(f"model.init_from={str(path)!r}: ")
+        assert str(err.value).endswith(f"\nFix: {fix}"), str(err.value)
