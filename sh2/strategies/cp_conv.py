@@ -166,6 +166,14 @@ def li_on_channels(z: torch.Tensor, lo: int, hi: int, log_poles: torch.Tensor, r
     return kernels.gated_fft_conv(one, z, one, h, None if bias is None else bias[lo:hi])
 
 
+def li_modal_on_channels(z: torch.Tensor, lo: int, hi: int, log_poles: torch.Tensor, residues: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """Hyena-LI for channels ``[lo, hi)`` by the modal recurrence over the whole sequence."""
+    one = torch.ones_like(z)
+    return kernels.gated_modal_conv(one, z, one, log_poles[lo:hi], residues[lo:hi],
+                                    None if bias is None else bias[lo:hi], check_values=False)
+
+
 ChannelFn = Callable[..., torch.Tensor]
 
 
@@ -211,6 +219,11 @@ class AllToAllConv:
         y = self._run(k * v, li_on_channels, (log_poles, residues, bias))
         return q * y
 
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        self._check_groups(q.shape[-1], q.shape[-1])
+        return q * self._run(k * v, li_modal_on_channels, (log_poles, residues, bias))
+
 
 class PipelinedAllToAllConv(AllToAllConv):
     """Channel-pipelined all-to-all convolution (scheme ``a2a_pipelined``; SPEC 3.2).
@@ -251,6 +264,11 @@ class PipelinedAllToAllConv(AllToAllConv):
                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._check_groups(q.shape[-1], q.shape[-1])
         return q * self._run_pipelined(k * v, li_on_channels, (log_poles, residues, bias), 1)
+
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        self._check_groups(q.shape[-1], q.shape[-1])
+        return q * self._run_pipelined(k * v, li_modal_on_channels, (log_poles, residues, bias), 1)
 
 
 def _post_slice(t: torch.Tensor, i: int, n: int, cpg: CPGroup) -> tuple[torch.Tensor, Any]:

@@ -133,3 +133,9 @@ class P2PFFTConv:
         if bias is not None:
             y = y + bias.float() * z
         return (q.float() * y).to(q.dtype)
+
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The modal recurrence's operator computed as this scheme computes it: an FFT convolution with the
+        materialised modal filter (the same function of the inputs)."""
+        return self.long_conv(q, k, v, log_poles, residues, bias)

@@ -4,7 +4,7 @@
 CP strategies take it as their ``cp`` argument (``cp: {size: 2, li_scheme: a2a, ...}`` in YAML) and it is
 validated once, when it is built. :func:`sh2.strategies.parallelize.apply_context_parallel` sets a
 :class:`CPSequenceOps` on every mixer (``block.mixer.ops``); the model keeps calling ``short_conv``, ``fir``,
-``long_conv`` and ``attention`` on its zig-zag shards and gets exactly the single-process result.
+``long_conv``, ``modal_conv`` and ``attention`` on its zig-zag shards and gets exactly the single-process result.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from sh2.strategies.cp_attention import RingAttention, UlyssesAttention
 from sh2.strategies.cp_comm import CPGroup
 from sh2.strategies.cp_conv import AllToAllConv, HaloConv, OverlappedHaloConv, PipelinedAllToAllConv
 from sh2.strategies.cp_fft import P2PFFTConv
+from sh2.strategies.cp_state import StateConv
 
 SchemeFactory = Callable[[CPGroup, "CPConfig"], Any]
 
 # The schemes of each operator type, by name: CPConfig accepts exactly these names and CPSequenceOps builds
 # the implementation from them, so a new scheme is one entry here (and its limits in validate_cp_settings).
 LI_SCHEMES: dict[str, SchemeFactory] = {
+    "state": lambda cpg, cfg: StateConv(cpg),
     "a2a": lambda cpg, cfg: AllToAllConv(cpg),
     "a2a_pipelined": lambda cpg, cfg: PipelinedAllToAllConv(cpg, cfg.a2a_pipeline_chunks),
     "p2p_fft": lambda cpg, cfg: P2PFFTConv(cpg),
@@ -77,7 +79,8 @@ class CPConfig:
         size: ranks that share one sequence; must divide the world size. ``"auto"``: all processes of a
             node. Read by the strategies when they build the process mesh; the operators take the size of
             the :class:`CPGroup` they are given.
-        li_scheme: Hyena-LI: ``a2a`` (default), ``a2a_pipelined`` or ``p2p_fft`` (size a power of two).
+        li_scheme: Hyena-LI: ``state`` (default: the modal recurrence, passing ``[B, D, N]`` end states between
+            ranks), ``a2a``, ``a2a_pipelined`` or ``p2p_fft`` (size a power of two).
         fir_scheme: Hyena-SE and Hyena-MR: ``p2p`` (default), ``p2p_overlap``, ``a2a`` or ``a2a_pipelined``.
         featurizer_scheme: the 3-tap featurizer of every Hyena layer: ``p2p`` (default) or ``p2p_overlap``.
         attention_scheme: MHA: ``a2a`` (Ulysses, default) or ``ring``.
@@ -89,7 +92,7 @@ class CPConfig:
     """
 
     size: int | Literal["auto"] = 1
-    li_scheme: str = "a2a"
+    li_scheme: str = "state"
     fir_scheme: str = "p2p"
     featurizer_scheme: str = "p2p"
     attention_scheme: str = "a2a"
@@ -201,6 +204,14 @@ class CPSequenceOps(SequenceOps):
                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         self._check(q)
         return self.li_impl.long_conv(q, k, v, log_poles, residues, bias)
+
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None, return_state: bool = False) -> torch.Tensor:
+        self._check(q)
+        if return_state:
+            raise ValueError("the recurrent state of a context-parallel shard is not a sequence's state; prefill "
+                             "and decoding run on one process")
+        return self.li_impl.modal_conv(q, k, v, log_poles, residues, bias)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self._check(q)

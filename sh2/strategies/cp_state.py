@@ -205,3 +205,20 @@ def state_passing_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if chosen == "triton" and q.dtype != torch.float64:
         return _StatePassingModalConv.apply(q, k, v, log_poles, residues, bias, cpg)
     return _state_passing_composed(q, k, v, log_poles, residues, bias, cpg, chosen)
+
+
+class StateConv:
+    """The LI scheme ``state``: Hyena-LI by its modal recurrence with end states passed between ranks.
+
+    Either LI algorithm of the model (``modal`` or ``fft``) computes the same operator, so both run this way
+    under the scheme.
+    """
+
+    def __init__(self, cpg: CPGroup) -> None:
+        self.cpg = cpg
+
+    def modal_conv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                   residues: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return state_passing_modal_conv(q, k, v, log_poles, residues, bias, self.cpg)
+
+    long_conv = modal_conv

@@ -24,6 +24,7 @@ from sh2.strategies.cp_ops import (
     MOVED_STRATEGY_KEYS,
     CPSequenceOps,
 )
+from sh2.strategies.cp_state import StateConv
 
 PAIR = CPGroup(group=None, rank=0, size=2, global_ranks=[0, 1])  # built, never communicated over
 
@@ -55,7 +56,8 @@ def test_cp_config_of_a_yaml_mapping() -> None:
 
 
 @pytest.mark.parametrize("field,table,expected", [
-    ("li_scheme", LI_SCHEMES, {"a2a": AllToAllConv, "a2a_pipelined": PipelinedAllToAllConv, "p2p_fft": P2PFFTConv}),
+    ("li_scheme", LI_SCHEMES, {"state": StateConv, "a2a": AllToAllConv, "a2a_pipelined": PipelinedAllToAllConv,
+                               "p2p_fft": P2PFFTConv}),
     ("fir_scheme", FIR_SCHEMES, {"p2p": HaloConv, "p2p_overlap": OverlappedHaloConv, "a2a": AllToAllConv,
                                  "a2a_pipelined": PipelinedAllToAllConv}),
     ("featurizer_scheme", FEATURIZER_SCHEMES, {"p2p": HaloConv, "p2p_overlap": OverlappedHaloConv}),

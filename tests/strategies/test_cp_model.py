@@ -30,7 +30,7 @@ from sh2.strategies.sharding import shard_batch
 
 CONFIG = dict(hidden_size=32, num_layers=5, num_heads=4, mlp_hidden_size=64, se_groups=4, mr_groups=4,
               layout="SDH*D", mr_filter_len=8, li_state_size=4, mr_ref_len=64, max_seq_len=64)
-SCHEMES = [CPConfig(),
+SCHEMES = [CPConfig(),  # LI by state passing (the default)
            CPConfig(li_scheme="p2p_fft", fir_scheme="a2a_pipelined", featurizer_scheme="p2p_overlap",
                     attention_scheme="ring"),
            CPConfig(li_scheme="a2a_pipelined", fir_scheme="p2p_overlap", attention_scheme="ring",

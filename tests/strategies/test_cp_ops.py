@@ -85,9 +85,11 @@ def _ops_job(rank: int, world: int) -> None:
     # Hyena-LI (modal filter over the whole sequence), every scheme
     log_poles = -torch.exp(rnd(D, 4, scale=0.5) - 2.0)
     residues = rnd(D, 4, scale=0.25)
-    for scheme in ("a2a", "a2a_pipelined", "p2p_fft"):
+    for scheme in ("state", "a2a", "a2a_pipelined", "p2p_fft"):
         ops = CPSequenceOps(cpg, CPConfig(li_scheme=scheme, a2a_pipeline_chunks=3))
         _compare(f"li/{scheme}", LOCAL_OPS.long_conv, ops.long_conv, [q, k, v], [log_poles, residues, bias],
+                 cp, rank)
+        _compare(f"li modal/{scheme}", LOCAL_OPS.modal_conv, ops.modal_conv, [q, k, v], [log_poles, residues, bias],
                  cp, rank)
 
     # attention: MHA and GQA, Ulysses and ring (flash and math block kernels)
