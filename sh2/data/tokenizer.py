@@ -1,4 +1,4 @@
-"""Byte-level tokenizer with per-token loss weights (SPEC 4.1).
+"""Byte-level tokenizer with per-token loss weights (docs/design.md, "Tokenizer and loss weights").
 
 A token id is the value of one UTF-8 byte (0..255) in a vocabulary of 512 ids. Id 0 marks the end of a
 document (EOD), id 1 is padding, and there is no beginning-of-sequence token. Everything is vectorized

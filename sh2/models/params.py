@@ -1,4 +1,4 @@
-"""AdamW parameter groups (SPEC 4.3): weight decay on matrices only."""
+"""AdamW parameter groups: weight decay on matrices only."""
 
 from __future__ import annotations
 

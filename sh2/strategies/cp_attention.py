@@ -1,4 +1,4 @@
-"""Context-parallel causal attention: all-to-all over heads (Ulysses) and ring attention (SPEC 3.2, 3.5)."""
+"""Context-parallel causal attention: all-to-all over heads (Ulysses) and ring attention (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _expand_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tens
 
 
 class UlyssesAttention:
-    """Attention by all-to-all over heads (scheme ``a2a``; DeepSpeed-Ulysses, SPEC 3.2).
+    """Attention by all-to-all over heads (scheme ``a2a``; DeepSpeed-Ulysses).
 
     q, k, v ``[B, 2c, H, hd]`` (zig-zag sequence shards, RoPE already applied with the shard's positions)
     are packed so that rank j's slice holds heads ``[j H/cp, (j+1) H/cp)`` of q, k and v, and one
@@ -190,7 +190,7 @@ class _RingAttention(Function):
 
 
 class RingAttention:
-    """Ring attention with an online softmax over zig-zag shards (scheme ``ring``; SPEC 3.5).
+    """Ring attention with an online softmax over zig-zag shards (scheme ``ring``).
 
     Each rank keeps its query rows and passes its K/V shard around the ring (to rank r + 1, from rank
     r - 1), so at step s it holds the K/V of rank ``src = r - s``. With zig-zag shards (chunks r and

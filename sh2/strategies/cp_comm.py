@@ -1,8 +1,8 @@
 """Communication primitives of context parallelism, each differentiable.
 
-Every helper works on the zig-zag layout of SPEC 3.1: a sequence of length ``L`` is cut into ``2*cp``
-chunks of ``c = L / (2*cp)`` tokens and rank ``r`` holds chunks ``r`` and ``2*cp-1-r`` (called A and B
-below), concatenated, so a local activation is ``[B, 2c, C]``.
+Every helper works on the zig-zag layout (docs/design.md, "Zig-zag sharding"): a sequence of length ``L``
+is cut into ``2*cp`` chunks of ``c = L / (2*cp)`` tokens and rank ``r`` holds chunks ``r`` and ``2*cp-1-r``
+(called A and B below), concatenated, so a local activation is ``[B, 2c, C]``.
 
 - :func:`seq_to_channel` / :func:`channel_to_seq`: the all-to-all that turns ``[B, 2c, C]`` (sequence
   shards) into ``[B, L, C/cp]`` (the whole sequence in natural order, a contiguous channel slice) and back.

@@ -1,7 +1,7 @@
 """Context-parallel Hyena convolutions: p2p halo exchange (featurizer, SE, MR) and all-to-all (MR, SE, LI).
 
-Local shards are zig-zag ordered (SPEC 3.1): rank r holds chunk A = r and chunk B = 2cp-1-r of ``c`` tokens
-each, concatenated as ``[B, 2c, C]``. Every class computes exactly what the single-process
+Local shards are zig-zag ordered (docs/design.md, "Zig-zag sharding"): rank r holds chunk A = r and chunk
+B = 2cp-1-r of ``c`` tokens each, concatenated as ``[B, 2c, C]``. Every class computes exactly what the single-process
 :class:`~sh2.models.seqops.SequenceOps` computes on the whole sequence, forward and backward, and calls the
 public :mod:`sh2.kernels` functions for the local arithmetic (so the Triton backends are used on GPUs).
 """
@@ -50,7 +50,7 @@ def _drop_halo(y: torch.Tensor, B: int, H: int) -> torch.Tensor:
 
 
 class HaloConv:
-    """Causal FIR convolutions by point-to-point halo exchange (scheme ``p2p``; SPEC 3.3).
+    """Causal FIR convolutions by point-to-point halo exchange (scheme ``p2p``; docs/design.md, "Halo exchange").
 
     A causal filter of K taps makes only the first ``H = K - 1`` outputs of a chunk depend on another
     chunk: they need the last H inputs of the chunk that precedes it in the *global* order. With zig-zag
@@ -104,7 +104,7 @@ class HaloConv:
 
 
 class OverlappedHaloConv(HaloConv):
-    """Halo exchange overlapped with the local convolution (scheme ``p2p_overlap``; SPEC 3.3).
+    """Halo exchange overlapped with the local convolution (scheme ``p2p_overlap``; docs/design.md, "Halo exchange").
 
     1. Post the halo isend/irecv of :class:`HaloConv` and return at once.
     2. While the halos travel, convolve each chunk alone (a zero halo): exact for all outputs except the
@@ -178,7 +178,7 @@ ChannelFn = Callable[..., torch.Tensor]
 
 
 class AllToAllConv:
-    """Hyena convolutions by sequence <-> channel all-to-all (scheme ``a2a``; SPEC 3.2).
+    """Hyena convolutions by sequence <-> channel all-to-all (scheme ``a2a``; docs/design.md, "All-to-all convolution").
 
     1. Gate before the exchange: ``z = k * v`` on the local shard, so one tensor travels instead of three.
     2. All-to-all ``[B, 2c, D] -> [B, L, D/cp]``: rank j receives channels ``[j D/cp, (j+1) D/cp)`` of the
@@ -226,7 +226,8 @@ class AllToAllConv:
 
 
 class PipelinedAllToAllConv(AllToAllConv):
-    """Channel-pipelined all-to-all convolution (scheme ``a2a_pipelined``; SPEC 3.2).
+    """Channel-pipelined all-to-all convolution (scheme ``a2a_pipelined``; docs/design.md, "All-to-all
+    convolution").
 
     The rank's channel slice (D/cp channels) is split into ``n`` sub-slices (``a2a_pipeline_chunks``,
     reduced to the largest count that keeps whole filter groups). Forward, for sub-slice i: wait for its

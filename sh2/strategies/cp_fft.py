@@ -1,4 +1,4 @@
-"""Context-parallel Hyena-LI by a distributed decimation-in-frequency FFT (scheme ``p2p_fft``; SPEC 3.4)."""
+"""Context-parallel Hyena-LI by a distributed decimation-in-frequency FFT (scheme ``p2p_fft``; docs/design.md)."""
 
 from __future__ import annotations
 

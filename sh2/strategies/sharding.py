@@ -1,4 +1,4 @@
-"""Zig-zag sequence sharding for context parallelism (SPEC 3.1).
+"""Zig-zag sequence sharding for context parallelism (docs/design.md, "Zig-zag sharding").
 
 A sequence of length L is cut into ``2*cp`` chunks of ``c = L / (2*cp)`` tokens; rank r of the CP group
 holds chunks r and ``2*cp-1-r``, concatenated. Causal attention work is then balanced across ranks.

@@ -1,4 +1,4 @@
-"""ByteTokenizer: ids are UTF-8 bytes, decoding drops non-printable ids, loss weights follow SPEC 4.1."""
+"""ByteTokenizer: ids are UTF-8 bytes, decoding drops non-printable ids, loss weights as docs/design.md describes."""
 
 import time
 

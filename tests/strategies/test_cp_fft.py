@@ -1,4 +1,5 @@
-"""The p2p FFT convolution of Hyena-LI (SPEC 3.4), first as a single-process simulation of cp = 2.
+"""The p2p FFT convolution of Hyena-LI (docs/design.md, "Distributed FFT convolution"), first as a
+single-process simulation of cp = 2.
 
 ``simulated_cp2_spectra`` runs the two ranks of the radix-2 decimation-in-frequency algorithm side by side
 on one process, in float64, with the "exchanges" written as plain indexing. It checks the algebra the
