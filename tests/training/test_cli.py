@@ -207,9 +207,10 @@ def test_moved_settings_are_refused_naming_the_new_key(extra, needle, capsys):
 
 def test_a_config_file_with_the_flat_cp_keys_is_refused_naming_the_new_key(tmp_path, capsys):
     old = tmp_path / "old.yaml"
-    new = "      cp:\n        size: 2\n        li_scheme: a2a"
-    old.write_text((ROOT / "configs/tiny_cp.yaml").read_text().replace(
-        new, "      context_parallel_size: 2\n      li_scheme: a2a\n      cp:"))
+    new = "      cp:\n        size: 2\n        li_scheme: state"
+    text = (ROOT / "configs/tiny_cp.yaml").read_text()
+    assert new in text  # the flat keys below replace exactly this block
+    old.write_text(text.replace(new, "      context_parallel_size: 2\n      li_scheme: state\n      cp:"))
     with pytest.raises(SystemExit):
         _ParseOnly(SH2LightningModule, SH2DataModule, run=False, args=["--config", str(old)])
     assert "strategy 'context_parallel_size' moved: use cp: {size: ...}" in capsys.readouterr().err
