@@ -134,6 +134,30 @@ def assemble_shards(path: str | os.PathLike, out_dir: str | os.PathLike | None =
     return target
 
 
+def _not_a_checkpoint(path: Path) -> CheckpointError | None:
+    """An error when ``path`` cannot be a ``torch.save`` file at all (missing, empty, or another kind of file),
+    judged from its size and first bytes; None when it may be one."""
+    if not path.exists():
+        return CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pt/.ckpt file inside it")
+    if path.stat().st_size == 0:
+        return CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted save, download or copy; "
+                               f"use another checkpoint or copy it again")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    # torch.save writes a zip archive; its legacy format (and plain pickles of protocol 2+) start with 0x80
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    try:
+        text = "".join(head.decode("utf-8").split())
+    except UnicodeDecodeError:
+        text = "\0"
+    kind = "a text file" if text.isprintable() else "not a PyTorch file"
+    return CheckpointError(f"{path} is not a PyTorch checkpoint ({kind}: it starts with {head!r}); pass a file "
+                           f"written by torch.save (an sh2 .ckpt, an evo2 .pt) or sh2 safetensors")
+
+
 def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """``torch.load`` a checkpoint on the CPU, memory-mapped and weights-only where possible.
 
@@ -143,25 +167,44 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
             files from a trusted source.
 
     Raises:
-        CheckpointError: unreadable file, or pickled objects that need ``trust_pickle=True``.
+        CheckpointError: a missing, empty, truncated or corrupt file, a file that is not a checkpoint, or pickled
+            objects that need ``trust_pickle=True`` (only then with :attr:`CheckpointHint.TRUST_PICKLE`).
     """
     path = Path(path)
+    if (err := _not_a_checkpoint(path)) is not None:
+        raise err
     _check_zip(path, "")
     safe = [io.BytesIO]  # Transformer Engine stores FP8 metadata (_extra_state) as BytesIO
     kwargs: dict[str, Any] = {"map_location": "cpu"}
     with open(path, "rb") as fh:
         kwargs["mmap"] = fh.read(4) == b"PK\x03\x04"  # only zip checkpoints can be memory-mapped
+    corrupt = (f"checkpoint {path} is truncated or corrupt ({{}}); use another checkpoint (e.g. another step's "
+               f"file beside it) or copy it again")
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
+        # the weights-only unpickler names a disallowed class as "Unsupported global: GLOBAL module.Class"; any
+        # other complaint (an unknown opcode) means the bytes are not a valid pickle at all
+        if "GLOBAL" not in str(err):
+            raise CheckpointError(corrupt.format(_first_line(err))) from None
         if not trust_pickle:
-            raise CheckpointError(f"{path} contains pickled Python objects besides tensors ({str(err)[:200]}...). "
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            raise CheckpointError(f"{path} contains pickled Python objects besides tensors (the first: "
+                                  f"{found.group(1) if found else 'unknown'}), which can run code when loaded. "
                                   f"If you trust the file, load it with trust_pickle=True",
                                   hints=[CheckpointHint.TRUST_PICKLE]) from None
-    except RuntimeError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    return torch.load(path, weights_only=False, **kwargs)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(corrupt.format(_first_line(err) or type(err).__name__)) from None
+    try:
+        return torch.load(path, weights_only=False, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(corrupt.format(_first_line(err) or type(err).__name__)) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:

@@ -16,10 +16,7 @@ genome) are read into memory once; larger ones are refused with the commands tha
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
-import lzma
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sh2.data.files import compression_of, open_text
+
 __all__ = ["FaiEntry", "FastaIndexError", "IndexedFasta", "build_fai", "read_fai", "write_fai",
            "MAX_IN_MEMORY_COMPRESSED"]
 
 MAX_IN_MEMORY_COMPRESSED = 64 * 2**20  # bytes on disk: about 250 MB of sequence for DNA
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZ": "bzip2", b"\xfd7": "xz"}
 
 
 class FastaIndexError(ValueError):
@@ -53,13 +51,6 @@ class FaiEntry:
         if self.linebases == 0:
             return self.offset
         return self.offset + pos // self.linebases * self.linewidth + pos % self.linebases
-
-
-def compression_of(path: str | os.PathLike) -> str | None:
-    """``gzip`` (also bgzip), ``bzip2`` or ``xz`` from the file's first bytes; None for a plain file."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return _MAGIC.get(head)
 
 
 def build_fai(path: str | os.PathLike) -> list[FaiEntry]:
@@ -302,15 +293,3 @@ class IndexedFasta:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._lengths)
-
-
-def open_text(path: str | os.PathLike) -> IO[str]:
-    """A text handle on a plain, gzip/bgzip, bzip2 or xz file (compression from the first bytes)."""
-    kind = compression_of(path)
-    if kind == "gzip":
-        return gzip.open(path, "rt")
-    if kind == "bzip2":
-        return bz2.open(path, "rt")
-    if kind == "xz":
-        return lzma.open(path, "rt")
-    return open(path)

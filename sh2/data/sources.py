@@ -6,9 +6,12 @@ Three kinds of input are accepted (:func:`load_source` decides which):
   ``data_files``), loaded with ``datasets.load_dataset(..., streaming=True)``;
 * local text / json / jsonl / csv / parquet files (a file, a directory or a glob; the builder is inferred
   from the extension or given as ``format``), also through ``load_dataset(builder, streaming=True)``;
-* FASTA files (plain, ``.gz``, ``.bz2`` or ``.xz``; multi-line records), read by a generator wrapped in
-  ``datasets.IterableDataset.from_generator`` with one shard per file. One record is one document in the
-  ``text`` column; the header is dropped or kept as a ``|header|`` tag prefix.
+* FASTA files (plain, ``.gz``, ``.bz2`` or ``.xz``, compression read from the content; multi-line records;
+  recognised by extension, or by a first ``>`` line in a text file or a file of unknown extension), read by
+  a generator wrapped in ``datasets.IterableDataset.from_generator`` with one shard per file. One record is
+  one document in the ``text`` column; the header is dropped or kept as a ``|header|`` tag prefix. A damaged
+  file (truncated, corrupt, or named ``.gz`` without being gzip) raises an error naming it
+  (:mod:`sh2.data.files`).
 
 Documents are read with ``IterableDataset.iter`` (not ``__iter__``) so that ``datasets`` does not split
 the stream again by DataLoader worker: :mod:`sh2.data.datamodule` assigns every (rank, worker) pair its
@@ -18,19 +21,18 @@ part with ``split_dataset_by_node`` itself. Every user mistake raises an error t
 
 from __future__ import annotations
 
-import bz2
 import glob
-import gzip
 import hashlib
 import importlib.resources
-import lzma
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import datasets
 from datasets.distributed import split_dataset_by_node
+
+from sh2.data.files import is_fasta, open_binary
 
 FASTA_EXTENSIONS = (".fasta", ".fa", ".fna", ".ffn", ".frn", ".fas", ".fsa", ".seq")
 COMPRESSION_EXTENSIONS = (".gz", ".bz2", ".xz")
@@ -259,14 +261,17 @@ def resolve_files_list(files: str | list[str]) -> list[str]:
 
 
 def infer_format(files: list[str]) -> str:
-    """Infers the single format of ``files`` from their extensions.
+    """Infers the single format of ``files`` from their extensions, and from the content where the extension
+    says text or nothing: a file whose first line is a ``>`` header is FASTA (``genome.txt``, ``reads.dna``).
 
     Raises:
-        ValueError: An extension is unknown or the files mix formats.
+        ValueError: An extension is unknown (and the content is not FASTA) or the files mix formats.
     """
     formats = {}
     for f in files:
         fmt = _format_of(f)
+        if fmt in (None, "text") and is_fasta(f):
+            fmt = "fasta"
         if fmt is None:
             raise ValueError(
                 f"Cannot infer the format of {f!r} from its extension; known: "
@@ -326,20 +331,9 @@ def fasta_source(files: list[str], headers: bool = False, description: str = "FA
     return DocumentSource(ds, "text", description, files=list(files))
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    lower = path.lower()
-    if lower.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if lower.endswith(".bz2"):
-        return bz2.open(path, "rb")
-    if lower.endswith(".xz"):
-        return lzma.open(path, "rb")
-    return open(path, "rb")
-
-
 def _fasta_has_sequence(path: str) -> bool:
     seen_header = False
-    with _open_binary(path) as fh:
+    with open_binary(path) as fh:
         for line in fh:
             line = line.strip()
             if line.startswith(b">"):
@@ -372,7 +366,7 @@ def read_fasta(path: str, headers: bool = False) -> Iterator[tuple[str, str]]:
         record_id = head.split(maxsplit=1)[0] if head.strip() else ""
         return record_id, (f"|{head.replace('|', '/')}|{text}" if headers else text)
 
-    with _open_binary(path) as fh:
+    with open_binary(path) as fh:
         for line in fh:
             if line.startswith(b">"):
                 if (record := emit()) is not None:

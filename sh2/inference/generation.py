@@ -91,7 +91,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 def generate(model: torch.nn.Module, prompts: Sequence[str] | torch.Tensor, max_new_tokens: int = 100, *,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              alphabet: str | Sequence[int] | None = None, attention_mask: torch.Tensor | None = None,
-             stop_ids: Sequence[int] = (), seed: int | None = None, uppercase: bool = False) -> GenerationOutput:
+             stop_ids: Sequence[int] = (), seed: int | None = None, uppercase: bool = True) -> GenerationOutput:
     """Generate continuations of a batch of prompts with cached decoding.
 
     Args:
@@ -105,9 +105,12 @@ def generate(model: torch.nn.Module, prompts: Sequence[str] | torch.Tensor, max_
         alphabet: restrict sampling to these characters/ids (e.g. ``"ACGT"``).
         attention_mask: for id prompts, ``[B, L]`` with 0 at left padding.
         stop_ids: a sample stops after generating one of these ids (e.g. ``[0]`` for end of document).
-        seed: seed of the sampling generator.
-        uppercase: upper-case string prompts before tokenizing.
+        seed: seed of the sampling generator (default: torch's global generator).
+        uppercase: upper-case string prompts before tokenizing (Evo 2 was trained on upper case; soft-masked,
+            lowercase prompts would otherwise look like rare tokens to it).
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
         input_ids = prompts.to(device)

@@ -17,6 +17,10 @@ suffix      holds                                                memory
 
 Records are the dicts of :func:`sh2.inference.predict.predict_batch` (``id``, ``length``, ``logprob_sum``...,
 ``token_logprobs`` and ``embeddings`` ``{layer: tensor}``) or the flat rows of variant scoring.
+
+Every sink writes to a hidden staging file beside the output (``.NAME.tmp-PID``) and renames it into place in
+``close()``; ``abort()`` deletes it. A prediction that fails, or is interrupted, therefore leaves an existing
+output file byte for byte as it was.
 """
 
 from __future__ import annotations
@@ -62,22 +66,38 @@ def check_output(output: str, task: str, pool: str, dtype: str, per_token: bool)
                          f"float16 or float32, or write .safetensors")
 
 
+def staging_path(path: Path) -> Path:
+    """The hidden file beside ``path`` that a sink writes before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 class RecordSink:
-    """Base class: ``write(records)`` per batch, ``close()`` at the end, ``abort()`` on failure."""
+    """Base class: ``write(records)`` per batch, ``close()`` at the end, ``abort()`` on failure.
+
+    Subclasses write to :attr:`staging` and implement :meth:`finish`; ``close`` renames the staging file to
+    :attr:`path`, so the output appears whole or not at all.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.staging = staging_path(path)
         self.count = 0
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Complete the staging file (flush buffers, write footers)."""
+
     def close(self) -> list[Path]:
-        """Finish the file(s); returns the paths written."""
+        """Finish the file(s) and move them into place; returns the paths written."""
+        self.finish()
+        os.replace(self.staging, self.path)
         return [self.path]
 
     def abort(self) -> None:
-        """Drop temporary files after an error (what was already written stays)."""
+        """Delete the staging file after an error; an existing output file is left as it was."""
+        self.staging.unlink(missing_ok=True)
 
 
 def jsonable(obj: Any) -> Any:
@@ -96,10 +116,10 @@ def jsonable(obj: Any) -> Any:
 class JsonlSink(RecordSink):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        path.write_text("")
+        self.staging.write_text("")
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        with open(self.path, "a") as fh:
+        with open(self.staging, "a") as fh:
             for rec in records:
                 fh.write(json.dumps(jsonable(rec)) + "\n")
         self.count += len(records)
@@ -116,9 +136,8 @@ class PtSink(RecordSink):
         self.records.extend(records)
         self.count += len(records)
 
-    def close(self) -> list[Path]:
-        torch.save(self.records, self.path)
-        return [self.path]
+    def finish(self) -> None:
+        torch.save(self.records, self.staging)
 
 
 def _scalars(rec: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -145,7 +164,7 @@ class TsvSink(RecordSink):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.columns: list[str] | None = None
-        path.write_text("")
+        self.staging.write_text("")
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
         lines = []
@@ -155,7 +174,7 @@ class TsvSink(RecordSink):
                 self.columns = list(rec)
                 lines.append("\t".join(self.columns))
             lines.append("\t".join(_tsv_cell(rec.get(c)) for c in self.columns))
-        with open(self.path, "a") as fh:
+        with open(self.staging, "a") as fh:
             fh.write("".join(line + "\n" for line in lines))
         self.count += len(records)
 
@@ -192,23 +211,25 @@ class ParquetSink(RecordSink):
         table = pa.table(columns) if self.schema is None else pa.table(columns, schema=self.schema)
         if self.writer is None:
             self.schema = table.schema
-            self.writer = pq.ParquetWriter(str(self.path), self.schema)
+            self.writer = pq.ParquetWriter(str(self.staging), self.schema)
         self.writer.write_table(table)
         self.count += len(records)
 
-    def close(self) -> list[Path]:
+    def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         else:  # no record at all: an empty file with no columns
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.table({}), str(self.path))
-        return [self.path]
+            pq.write_table(pa.table({}), str(self.staging))
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        super().abort()
 
 
 def _tensor_column(pa: Any, tensors: list[torch.Tensor], fixed: bool) -> Any:
@@ -253,7 +274,7 @@ class NpySink(RecordSink):
                 dtype = np.float16 if first.dtype == torch.float16 else np.float32
                 shape = (self.num_records, first.numel()) if len(emb) == 1 else \
                     (self.num_records, len(emb), first.numel())
-                self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=dtype, shape=shape)
+                self.array = np.lib.format.open_memmap(self.staging, mode="w+", dtype=dtype, shape=shape)
             if self.count >= self.num_records:
                 raise RuntimeError(f"{self.path}: more records than the {self.num_records} allocated")
             rows = [emb[k].to(torch.float32).numpy() for k in self.layers]
@@ -270,7 +291,14 @@ class NpySink(RecordSink):
         if self.count != self.num_records:
             raise RuntimeError(f"{self.path}: {self.count} records written into an array allocated for "
                                f"{self.num_records}")
-        return [self.path, self.table.path]
+        if self.staging.exists():
+            os.replace(self.staging, self.path)
+        return [self.path, *self.table.close()]
+
+    def abort(self) -> None:
+        self.array = None
+        super().abort()
+        self.table.abort()
 
 
 class SafetensorsSink(RecordSink):
@@ -328,7 +356,7 @@ class SafetensorsSink(RecordSink):
             self.ids.append(str(rec.get("id", self.count)))
             self.count += 1
 
-    def close(self) -> list[Path]:
+    def finish(self) -> None:
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "ids": json.dumps(self.ids),
                                                    "producer": "sh2 predict"}}
         begin = 0
@@ -339,21 +367,19 @@ class SafetensorsSink(RecordSink):
             begin += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-        tmp = self.path.with_name(self.path.name + ".writing")
-        with open(tmp, "wb") as out:
+        with open(self.staging, "wb") as out:
             out.write(len(blob).to_bytes(8, "little"))
             out.write(blob)
             for fh, *_ in self.parts.values():
                 with open(fh.name, "rb") as src:
                     shutil.copyfileobj(src, out, length=1 << 22)
-        os.replace(tmp, self.path)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
-        return [self.path]
 
     def abort(self) -> None:
         for fh, *_ in self.parts.values():
             fh.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        super().abort()
 
 
 def open_sink(path: str | os.PathLike, num_records: int | None = None) -> RecordSink:

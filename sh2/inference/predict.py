@@ -3,15 +3,16 @@
 Pieces (all configurable from YAML):
 
 - :class:`PredictDataModule`: reads a FASTA (plain or compressed; via :func:`sh2.data.sources.read_fasta`)
-  or a text file (one sequence per line) and yields batches ``{"ids", "sequences", "options"}``; the
-  options say what to compute (``task``: ``score``, ``embed``, ``generate`` or ``variants``, and their
+  or a text file (one sequence per line), told apart by content, and yields batches ``{"ids", "sequences",
+  "options"}``; the options say what to compute (``task``: ``score``, ``embed``, ``generate`` or ``variants``, and their
   settings). For ``variants`` it reads a VCF or TSV plus a reference FASTA instead
   (:class:`sh2.inference.variants.VariantBatches`).
 - :func:`predict_batch`: what ``SH2LightningModule.predict_step`` returns: one record per sequence or
   variant.
 - :class:`PredictionWriter`: a Lightning ``BasePredictionWriter`` that writes the records batch by batch
   in the format of the output's suffix (``.jsonl``, ``.tsv``, ``.parquet``, ``.npy``, ``.safetensors``, or
-  ``.pt`` kept in memory until the end; see :mod:`sh2.inference.outputs`) and prints the path at the end.
+  ``.pt`` kept in memory until the end; see :mod:`sh2.inference.outputs`) to a staging file that replaces the
+  output only when every record is written, and prints the path at the end.
   With several processes each rank writes ``NAME.rankR.EXT``.
 """
 
@@ -35,30 +36,34 @@ from sh2.inference.outputs import check_output, open_sink
 from sh2.inference.scoring import score_sequences
 
 TASKS = ("score", "embed", "generate", "variants")
+POOLS = ("mean", "last", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLE_VARIANTS = "phage_variants.vcf"  # with the built-in phage genomes as reference
-_FASTA_SUFFIXES = (".fasta", ".fa", ".fna", ".ffn", ".frn", ".fas", ".fsa")
 
 
 def read_sequences(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(id, sequence)`` pairs from a FASTA file (by extension, optionally ``.gz/.bz2/.xz``) or a text file
-    with one sequence per line (ids ``seq0, seq1, ...``; blank lines skipped)."""
+    """``(id, sequence)`` pairs from a FASTA file or a text file with one sequence per line (ids ``seq0, seq1,
+    ...``; blank lines skipped). The format and the compression (gzip, bzip2, xz) are read from the content, not
+    the name: a file whose first line is a ``>`` header is FASTA, as in training (:mod:`sh2.data.files`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds no sequence, or is damaged (the message names it).
+    """
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"predict input {path} does not exist")
-    bare = path.lower()
-    for ext in (".gz", ".bz2", ".xz"):
-        bare = bare[: -len(ext)] if bare.endswith(ext) else bare
-    if bare.endswith(_FASTA_SUFFIXES):
-        from sh2.data.sources import read_fasta
+        raise FileNotFoundError(f"prediction.path={path!r} does not exist; give a FASTA or text file of sequences")
+    from sh2.data.files import is_fasta, iter_lines
+    from sh2.data.sources import read_fasta
 
+    if is_fasta(path):
         records = list(read_fasta(path))
     else:
-        with open(path) as fh:
-            lines = [ln.strip() for ln in fh]
+        lines = (ln.decode("utf-8", errors="replace").strip() for ln in iter_lines(path))
         records = [(f"seq{i}", s) for i, s in enumerate(ln for ln in lines if ln)]
     if not records:
-        raise ValueError(f"predict input {path} contains no sequences")
+        raise ValueError(f"prediction.path={path!r} contains no sequences (a FASTA record with sequence lines, or "
+                         f"one sequence per line)")
     return records
 
 
@@ -109,6 +114,11 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[st
         return [{"id": i, "prompt": s, "generated": g, "logprobs": _tolist(lp)}
                 for i, s, g, lp in zip(ids, seqs, out.sequences, out.logprobs)]
     layers = (opts.get("layers") or [-1]) if task == "embed" else None
+    n_blocks = len(model.blocks)
+    for i in layers or []:
+        if not -n_blocks <= int(i) < n_blocks:
+            raise ValueError(f"prediction.layers={list(layers)}: block {i} does not exist in a model of {n_blocks} "
+                             f"blocks; use 0..{n_blocks - 1}, or negative indices from the end (-1: the last block)")
     scores = score_sequences(model, seqs, batch_size=len(seqs),
                              reverse_complement=opts.get("reverse_complement", False),
                              per_token=opts.get("per_token", False), layers=layers,
@@ -128,11 +138,44 @@ def predict_batch(model: torch.nn.Module, batch: dict[str, Any]) -> list[dict[st
     return records
 
 
+def _check_options(*, task: str, batch_size: int, max_length: int | None, pool: str, dtype: str,
+                   max_new_tokens: int, temperature: float, top_k: int, top_p: float, alphabet: str | None,
+                   window_size: int, num_workers: int) -> None:
+    """Refuse every impossible prediction setting up front, naming it, before any model or file is touched."""
+    problems = []
+    if task not in TASKS:
+        problems.append(f"prediction.task must be one of {TASKS}, got {task!r}")
+    if batch_size < 1:
+        problems.append(f"prediction.batch_size must be >= 1, got {batch_size}")
+    if max_length is not None and max_length < 1:
+        problems.append(f"prediction.max_length must be >= 1 or null (no truncation), got {max_length}")
+    if pool not in POOLS:
+        problems.append(f"prediction.pool must be one of {POOLS}, got {pool!r}")
+    if dtype not in DTYPES:
+        problems.append(f"prediction.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if max_new_tokens < 1:
+        problems.append(f"prediction.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        problems.append(f"prediction.temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        problems.append(f"prediction.top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        problems.append(f"prediction.top_p must be in (0, 1] (1 = off), got {top_p}")
+    if alphabet is not None and not alphabet:
+        problems.append("prediction.alphabet must name at least one character, or be null (no restriction)")
+    if window_size < 2:
+        problems.append(f"prediction.window_size must be >= 2 bases, got {window_size}")
+    if num_workers < 0:
+        problems.append(f"prediction.num_workers must be >= 0, got {num_workers}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class PredictDataModule(L.LightningDataModule):
     """Sequences (or variants) to predict on, and what to compute for them.
 
     Args:
-        path: FASTA (``.fa/.fasta/.fna``..., optionally compressed) or text file, one sequence per line; for
+        path: FASTA (optionally compressed) or text file, one sequence per line (told apart by content); for
             ``task: variants``, a VCF (plain, ``.gz`` or bgzip) or TSV ``chrom, pos, ref, alt``.
         output: where ``sh2 predict`` writes the records; the suffix picks the format (``.jsonl``, ``.tsv``,
             ``.parquet``, ``.npy``, ``.safetensors``, ``.pt``; see :mod:`sh2.inference.outputs`).
@@ -151,7 +194,8 @@ class PredictDataModule(L.LightningDataModule):
         top_k: generate: top-k filter (0 = off).
         top_p: generate: nucleus filter (1 = off).
         alphabet: generate: restrict sampling to these characters (e.g. ``ACGT``).
-        seed: generate: sampling seed.
+        seed: generate: seed of the sampling generator (default: torch's global generator). ``sh2 predict``
+            does not take it: there, ``seed_everything`` seeds the sampling.
         reference: variants: the reference FASTA (indexed on first use, see
             :class:`sh2.data.fasta_index.IndexedFasta`). With ``path`` and ``reference`` both unset, the
             built-in sample variants on the built-in phage genomes are scored.
@@ -167,14 +211,9 @@ class PredictDataModule(L.LightningDataModule):
                  alphabet: str | None = None, seed: int | None = None, reference: str | None = None,
                  window_size: int = 8192, num_workers: int = 0) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"prediction.task must be one of {TASKS}, got {task!r}")
-        if batch_size < 1:
-            raise ValueError(f"prediction.batch_size must be >= 1, got {batch_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"prediction.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        if window_size < 2:
-            raise ValueError(f"prediction.window_size must be >= 2 bases, got {window_size}")
+        _check_options(task=task, batch_size=batch_size, max_length=max_length, pool=pool, dtype=dtype,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       alphabet=alphabet, window_size=window_size, num_workers=num_workers)
         check_output(output, task, pool, dtype, per_token)
         if task == "variants" and (path is None) != (reference is None):
             missing = "reference" if reference is None else "path"

@@ -80,7 +80,7 @@ def _forward(model: torch.nn.Module, texts: Sequence[str], uppercase: bool, max_
 @torch.no_grad()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[str], *, batch_size: int = 8,
                     reverse_complement: bool = False, per_token: bool = False,
-                    layers: Sequence[int] | None = None, pool: str = "mean", uppercase: bool = False,
+                    layers: Sequence[int] | None = None, pool: str = "mean", uppercase: bool = True,
                     max_length: int | None = None) -> list[SequenceScore]:
     """Score sequences (and optionally embed them) with a causal language model.
 
@@ -94,7 +94,8 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[str], *, batch_s
         layers: hidden states to return: block indices (0 .. N-1, negative counts from the end; -1 is the
             last block's output, before the final norm).
         pool: ``"mean"`` over the sequence, ``"last"`` token, or ``"none"`` (per token ``[n, D]``).
-        uppercase: upper-case the sequences before tokenizing.
+        uppercase: upper-case the sequences before tokenizing (the default, as ``sh2 predict`` does: Evo 2 was
+            trained on upper case, and a soft-masked, lowercase stretch would otherwise score as rare tokens).
         max_length: truncate sequences to this many tokens.
 
     Returns:

@@ -163,3 +163,12 @@ def test_hyena_caches_do_not_keep_prompt_length_tensors_alive():
         inner = layer.filter.window if isinstance(layer.filter, FIRState) else layer.filter.s
         for name, t in (("featurizer", layer.featurizer), ("filter", inner)):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+def test_generate_upper_cases_string_prompts_by_default_and_refuses_no_tokens():
+    model = make_model("SDH*")
+    soft = generate(model, ["acgtAC"], max_new_tokens=6, temperature=0)
+    upper = generate(model, ["ACGTAC"], max_new_tokens=6, temperature=0, uppercase=False)
+    assert torch.equal(soft.tokens, upper.tokens)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got -5"):
+        generate(model, ["ACGT"], max_new_tokens=-5)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import lightning as L
+import pytest
 import torch
 from inference_models import make_model
 
@@ -90,3 +92,33 @@ def test_predict_writes_jsonl_and_pt(tmp_path):
     run(tmp_path / "gen.jsonl", task="generate", max_new_tokens=5, alphabet="ACGT", seed=0, temperature=0.5)
     gen = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert len(gen) == 3 and all(len(r["generated"]) == 5 and set(r["generated"]) <= set("ACGT") for r in gen)
+
+
+def test_the_api_upper_cases_by_default_like_sh2_predict():
+    # Evo 2 and sh2's training data are upper case: a soft-masked (lowercase) stretch must score as its bases
+    model = make_model("SDH*")
+    masked, upper = "ACGTtgcaagtACG", "ACGTTGCAAGTACG"
+    default = score_sequences(model, [masked])[0]
+    assert default.logprob_sum == score_sequences(model, [upper], uppercase=False)[0].logprob_sum
+    assert score_sequences(model, [masked], uppercase=False)[0].logprob_sum != default.logprob_sum
+    batch = {"ids": ["m"], "sequences": [masked], "options": {"task": "score"}}
+    assert predict_batch(model, batch)[0]["logprob_sum"] == default.logprob_sum
+
+
+def test_predict_reads_fasta_by_content_whatever_the_name(tmp_path):
+    seq = tmp_path / "reads.seq"
+    seq.write_text(">a desc\nACGT\nTT\n>b\nGGCA\n")
+    assert read_sequences(seq) == [("a", "ACGTTT"), ("b", "GGCA")]  # not four lines, headers included
+    lines = tmp_path / "lines.fasta"
+    lines.write_text("ACGT\nGGCA\n")
+    assert read_sequences(lines) == [("seq0", "ACGT"), ("seq1", "GGCA")]
+    packed = tmp_path / "packed.txt"
+    packed.write_bytes(gzip.compress(b">z\nAC\n"))
+    assert read_sequences(packed) == [("z", "AC")]
+
+
+def test_embedding_layers_outside_the_model_are_named():
+    model = make_model("SDH*")
+    batch = {"ids": ["a"], "sequences": ["ACGT"], "options": {"task": "embed", "layers": [-1, 4]}}
+    with pytest.raises(ValueError, match=r"prediction.layers=\[-1, 4\]: block 4 does not exist in a model of 4"):
+        predict_batch(model, batch)

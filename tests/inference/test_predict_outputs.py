@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from inference_models import PredictWrapper, make_model
 
 from sh2.inference import score_sequences
-from sh2.inference.outputs import check_output
+from sh2.inference.outputs import check_output, open_sink, staging_path
 from sh2.inference.predict import PredictDataModule, PredictionWriter
 
 SEQS = {"a": "ACGTTGCAAGTACGT", "b": "GGA", "c": "TTTACGCGATCGATCGAAC", "d": "ACCA", "e": "GATTACAGATTACA"}
@@ -112,14 +113,16 @@ def test_parquet_has_one_row_group_per_batch_and_exact_values(module, fasta, tmp
 
 
 class _Peek(L.Callback):
-    """Reads the output file when the last batch starts: the earlier batches must already be there."""
+    """Reads the staging file when the last batch starts: the earlier batches must already be there, and the
+    output itself must not exist yet (it appears whole, by a rename, at the end)."""
 
     def __init__(self, path):
-        self.path, self.seen = path, None
+        self.path, self.seen, self.output_existed = path, None, None
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if batch_idx == 2:
-            self.seen = self.path.read_text().splitlines()
+            self.seen = staging_path(self.path).read_text().splitlines()
+            self.output_existed = self.path.exists()
 
 
 def test_tsv_scores_are_written_as_batches_finish(module, fasta, tmp_path):
@@ -127,6 +130,7 @@ def test_tsv_scores_are_written_as_batches_finish(module, fasta, tmp_path):
     peek = _Peek(out)
     run(module, fasta, out, callbacks=[peek], reverse_complement=True)
     assert len(peek.seen) == 1 + 4  # header + the two batches before the last
+    assert peek.output_existed is False and not staging_path(out).exists()
     rows = [line.split("\t") for line in out.read_text().splitlines()]
     assert rows[0] == ["id", "length", "logprob_sum", "logprob_mean", "logprob_sum_forward", "logprob_sum_rc"]
     expected = score_sequences(module.model, list(SEQS.values()), batch_size=2, reverse_complement=True,
@@ -161,6 +165,50 @@ def test_output_formats_that_cannot_hold_the_task_are_refused_at_once(output, ta
 def test_unknown_dtype_is_named():
     with pytest.raises(ValueError, match=r"prediction\.dtype must be one of \('float32', 'float16', 'bfloat16'\)"):
         PredictDataModule(dtype="fp8")
+
+
+@pytest.mark.parametrize("setting,value,needle", [
+    ("max_new_tokens", -5, "prediction.max_new_tokens must be >= 1, got -5"),
+    ("temperature", -1.0, "prediction.temperature must be >= 0"),
+    ("top_k", -2, "prediction.top_k must be >= 0"),
+    ("top_p", 0.0, "prediction.top_p must be in (0, 1]"),
+    ("max_length", 0, "prediction.max_length must be >= 1 or null"),
+    ("pool", "max", "prediction.pool must be one of"),
+    ("alphabet", "", "prediction.alphabet must name at least one character"),
+    ("num_workers", -1, "prediction.num_workers must be >= 0"),
+])
+def test_impossible_prediction_settings_are_refused_naming_them(setting, value, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        PredictDataModule(task="generate", output="out.jsonl", **{setting: value})
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".tsv", ".parquet", ".safetensors", ".pt"])
+def test_an_interrupted_prediction_leaves_the_existing_output_byte_for_byte(module, fasta, tmp_path, suffix):
+    out = tmp_path / f"scores{suffix}"
+    out.write_bytes(b"results of an earlier run")
+
+    class Interrupt(L.Callback):
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 2:  # two batches are already written (to the staging file)
+                raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):  # Lightning turns the interrupt into exit(1) after its graceful shutdown
+        run(module, fasta, out, callbacks=[Interrupt()])
+    assert out.read_bytes() == b"results of an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["scores" + suffix, fasta.name])  # no leftovers
+    run(module, fasta, out)  # a complete run replaces it
+    assert out.read_bytes() != b"results of an earlier run"
+
+
+def test_npy_output_and_its_table_appear_together_at_the_end(module, fasta, tmp_path):
+    out = tmp_path / "emb.npy"
+    sink = open_sink(out, num_records=1)
+    sink.write([{"id": "a", "length": 3, "logprob_sum": -1.0, "logprob_mean": -0.5,
+                 "embeddings": {"-1": torch.ones(4)}}])
+    assert not out.exists() and not out.with_suffix(".tsv").exists()
+    assert sink.close() == [out, out.with_suffix(".tsv")]
+    assert np.load(out).shape == (1, 4) and out.with_suffix(".tsv").read_text().startswith("id\t")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 _DDP_SCRIPT = """
