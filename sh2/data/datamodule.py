@@ -316,7 +316,29 @@ class SH2DataModule(LightningDataModule):
                     f"left for it after data.val_fraction={self.val_fraction} held some out. Lower "
                     "data.val_fraction or data.num_workers, or add documents."
                 )
+        self._warn_if_data_is_shorter_than_a_window(ds)
         return ds
+
+    def _warn_if_data_is_shorter_than_a_window(self, ds: TrainBatches) -> None:
+        """Warn when a worker slot's training documents hold fewer tokens than one window of ``seq_len + 1``: its
+        windows then wrap around the data and repeat it (``data.seq_len`` longer than the dataset). Reads only
+        until one window's worth of tokens is found, so large datasets cost a document or two."""
+        need = self.seq_len + 1
+        for slot in range(self.num_slots):
+            tokens = documents = 0
+            for text in ds.slot_documents(slot):
+                tokens, documents = tokens + self.tokenizer.num_tokens(text) + 1, documents + 1
+                if tokens >= need:
+                    break
+            else:
+                where = f" (worker slot {slot} of {self.num_slots})" if self.num_slots > 1 else ""
+                rank_zero_warn(
+                    f"data.seq_len={self.seq_len} is longer than the training data of {self.source.description}"
+                    f"{where}: {documents} documents, {tokens} tokens with their end-of-document tokens. Every "
+                    f"window of {need} tokens wraps around and repeats them; lower data.seq_len below {tokens}, or "
+                    "add data."
+                )
+                return
 
     def train_dataloader(self) -> ResumableLoader:
         """Infinite training loader; resumes at :attr:`consumed_batches` (see the module docstring)."""

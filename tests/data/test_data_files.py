@@ -1,7 +1,9 @@
-"""Data files read by content (compression, FASTA) and damaged files named in the error, wherever the damage is."""
+"""Data files read by content (compression, FASTA), damaged files named in the error wherever the damage is, and
+a warning for data shorter than one training window."""
 
 import bz2
 import gzip
+import warnings
 
 import pytest
 
@@ -54,3 +56,16 @@ def test_plain_text_keeps_its_format_and_an_unknown_extension_still_needs_data_f
     assert infer_format([str(text)]) == "text"
     with pytest.raises(ValueError, match="Set data.format"):
         infer_format([str(other)])
+
+
+def test_a_window_longer_than_the_whole_training_data_warns(tmp_path):
+    from sh2.data.datamodule import SH2DataModule
+
+    path = tmp_path / "two.fa"
+    path.write_text(">a\nACGTACGTAC\n>b\nGGGCCC\n")  # 10 + 1 and 6 + 1 tokens with their end-of-document tokens
+    with pytest.warns(UserWarning, match=r"data.seq_len=64 is longer than the training data of .*two.fa.*: 2 "
+                                         r"documents, 18 tokens .* lower data.seq_len below 18"):
+        SH2DataModule(path=str(path), seq_len=64, val_fraction=0.0).train_batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SH2DataModule(path=str(path), seq_len=16, val_fraction=0.0).train_batches()  # 18 tokens: one window fits
