@@ -68,6 +68,11 @@ class SH2LightningModule(L.LightningModule):
             resume a run instead.
         init_from_trust_pickle: allow ``init_from`` files that hold pickled Python objects (DeepSpeed
             optimizer files, some Savanna files). Only for files from a trusted source.
+        allow_random_init: whether the ``sh2`` command may start from random weights when neither ``init_from``
+            nor ``--ckpt_path`` gives any: ``null`` (default) allows it for ``fit`` (pretraining) and refuses it
+            for ``validate``, ``test`` and ``predict``; ``false`` refuses it everywhere (the finetune configs);
+            ``true`` allows it everywhere (tests, smoke runs). The module itself always builds random weights
+            first.
     """
 
     def __init__(self, preset: str = "tiny", overrides: dict[str, Any] | None = None, seq_len: int = 1024,
@@ -75,7 +80,7 @@ class SH2LightningModule(L.LightningModule):
                  decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
                  activation_checkpointing: bool = False, compile: bool = False, init_from: str | None = None,
-                 init_from_trust_pickle: bool = False) -> None:
+                 init_from_trust_pickle: bool = False, allow_random_init: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = SH2Config.from_name(preset, **{"vocab_size": vocab_size, **(overrides or {})})
@@ -86,6 +91,7 @@ class SH2LightningModule(L.LightningModule):
         self.model: SH2Model | None = None
         self.val_loss = MeanMetric()
         self.checkpoint_step: int | None = None  # set when weights come from a Lightning checkpoint
+        self._resume_changes: list[tuple[str, Any, Any]] = []  # optimizer settings that differ from the checkpoint
 
     # ----------------------------------------------------------------- model construction
     def configure_model(self) -> None:
@@ -194,13 +200,60 @@ class SH2LightningModule(L.LightningModule):
             return
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/perplexity": torch.exp(loss),
-                       f"{prefix}/bits_per_token": loss / math.log(2)}, sync_dist=False, prog_bar=False)
+        metrics = {f"{prefix}/loss": loss, f"{prefix}/perplexity": torch.exp(loss),
+                   f"{prefix}/bits_per_token": loss / math.log(2)}
+        trainer = self._trainer
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        # While fitting, Lightning would log these at the index of the last training log (global_step - 1); they
+        # go to the loggers at global_step instead, the step of the weights evaluated, which the console line
+        # and the checkpoint names also use. Logged here too for the callbacks (checkpoint monitor, report).
+        self.log_dict(metrics, sync_dist=False, prog_bar=False, logger=not fitting)
+        if fitting and not trainer.sanity_checking:
+            values = {k: float(v) for k, v in metrics.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Remember the step the weights were saved at (``sh2 validate --ckpt_path`` reports it)."""
+        """Remember the step the weights were saved at (``sh2 validate --ckpt_path`` reports it) and which
+        optimizer and schedule settings of this run differ from the checkpoint's (applied in
+        :meth:`on_train_start`)."""
+        from sh2.training.resume import optimizer_changes
+
         step = checkpoint.get("global_step")
         self.checkpoint_step = int(step) if isinstance(step, int) else None
+        self._resume_changes = optimizer_changes(checkpoint.get("hyper_parameters") or {}, self.hparams)
+
+    def on_train_start(self) -> None:
+        """On a resume with changed optimizer or schedule settings: apply them to the restored state, and say so."""
+        if self._resume_changes:
+            self._apply_resume_changes()
+
+    def _apply_resume_changes(self) -> None:
+        """Write this run's lr, schedule, weight decay, betas and eps into the restored optimizer and scheduler.
+
+        The restored state keeps the checkpoint's values (its base learning rates, its param-group settings);
+        the schedule's shape (warmup, decay, floor) is a function of this run's settings already, since
+        ``LambdaLR`` does not save its functions. The moments and the step count are kept.
+        """
+        hp, changes = self.hparams, self._resume_changes
+        self._resume_changes = []
+        optimizer = self.trainer.optimizers[0]
+        fresh = parameter_groups(self.model, hp.weight_decay)
+        for i, group in enumerate(optimizer.param_groups):
+            group["betas"], group["eps"] = tuple(hp.betas), hp.eps
+            if len(fresh) == len(optimizer.param_groups):
+                group["weight_decay"] = fresh[i]["weight_decay"]
+        for config in self.trainer.lr_scheduler_configs[:1]:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = hp.lr
+                group["lr"] = hp.lr * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        if self.trainer.is_global_zero:
+            told = ", ".join(f"model.{key} {old!r} -> {new!r}" for key, old, new in changes)
+            print(f"[sh2] resuming at step {self.global_step} with changed settings, applied to the restored optimizer "
+                  f"and schedule: {told}", flush=True)
 
     # ----------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:
@@ -215,8 +268,9 @@ class SH2LightningModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip the gradient norm to ``grad_clip`` (or ``trainer.gradient_clip_val``) and log it as
-        ``train/grad_norm``; under DeepSpeed the engine clips and nothing is logged here."""
+        """Clip the gradient norm to ``grad_clip`` and log it as ``train/grad_norm``; under DeepSpeed the engine
+        clips and nothing is logged here. (The ``sh2`` command passes ``grad_clip`` as the trainer's
+        ``gradient_clip_val``, which DeepSpeed reads, and refuses a ``trainer.gradient_clip_val`` of its own.)"""
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
