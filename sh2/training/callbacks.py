@@ -1,9 +1,11 @@
-"""Callbacks and plugins of the training application: atomic checkpoint writes and the reports of a run
-(validation loss beside the unigram entropy, throughput and MFU, the memory estimate)."""
+"""Callbacks and plugins of the training application: atomic checkpoint writes (and the removal of what a killed
+save left) and the reports of a run (validation loss beside the unigram entropy, throughput and MFU, the memory
+estimate)."""
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,50 @@ from sh2.strategies.contract import strategy_contract
 from sh2.training.flops import measure_bf16_peak_flops, model_flops_per_token
 from sh2.training.module import SH2LightningModule
 
+_TEMPORARY = re.compile(r"^\.(?P<name>.+\.ckpt)\.tmp-(?P<pid>\d+)$")
+
+
+def temporary_checkpoint_path(path: Path) -> Path:
+    """The hidden file :class:`AtomicCheckpointIO` writes before renaming it to ``path``: ``.NAME.tmp-PID``."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has not started saving: a file with its id was left by an earlier one
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint files that a killed save left in ``folder`` and return them.
+
+    Only files named as :func:`temporary_checkpoint_path` names them whose process is gone are removed, so a
+    save in progress in another live process on this machine is never touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        found = _TEMPORARY.match(entry.name)
+        if found and entry.is_file() and not _process_alive(int(found.group("pid"))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file in the same folder, fsyncs it and renames it into place.
 
     An interrupted save therefore never leaves a file under the final name that looks complete, and the
-    previous checkpoint of that name survives until the new one is whole.
+    previous checkpoint of that name survives until the new one is whole. A save killed outright (``kill -9``)
+    leaves its temporary file behind; :func:`remove_stale_temporaries` deletes it when the next run starts.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
@@ -35,7 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_checkpoint_path(path)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

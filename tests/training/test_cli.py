@@ -196,7 +196,7 @@ def test_predict_yaml_in_docs_parses(tmp_path):
      "strategy 'context_parallel_size' moved: use cp: {size: ...} (trainer.strategy.init_args.cp.size"),
     (["--trainer.strategy.init_args.attention_scheme", "ring"],
      "strategy 'attention_scheme' moved: use cp: {attention_scheme: ...}"),
-    (["--model.log_every_n_steps", "5"], "model 'log_every_n_steps' moved: use throughput.log_every_n_steps"),
+    (["--model.log_every_n_steps", "5"], "model 'log_every_n_steps' moved: use trainer.log_every_n_steps"),
 ])
 def test_moved_settings_are_refused_naming_the_new_key(extra, needle, capsys):
     with pytest.raises(SystemExit):
