@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -105,7 +106,7 @@ class SH2ArgumentParser(LightningArgumentParser):
     every setting.
     """
 
-    _UNKNOWN = re.compile(r"--([\w.]+)|[Oo]ption '([\w.]+)'|[Kk]ey '([\w.]+)'|[Gg]roup '([\w.]+)'")
+    _UNKNOWN = re.compile(r"--([\w.]+)|[Oo]ption '([\w.]+)'|[Kk]ey '([\w.]+)'")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -121,11 +122,8 @@ class SH2ArgumentParser(LightningArgumentParser):
                 hints.append(REMOVED_SETTINGS[key])
             elif short in MOVED_STRATEGY_KEYS and "strategy" in message:
                 hints.append(moved_strategy_key_message(short))
-            elif f"model.{short}" in REMOVED_SETTINGS and "model" in message:
+            elif f"model.{short}" in REMOVED_SETTINGS and "model" in message:  # named without its section
                 hints.append(REMOVED_SETTINGS[f"model.{short}"])
-            elif f"{key}.{short}" not in REMOVED_SETTINGS:
-                hints += [text for full, text in REMOVED_SETTINGS.items()
-                          if full.startswith(key + ".") and full.rsplit(".", 1)[-1] in message]
         return list(dict.fromkeys(hints))
 
     @staticmethod
@@ -144,8 +142,9 @@ class SH2ArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {plain_text(message)}\n"
-                         f"See `{prog} --help` for sh2's settings, `{prog} --help-all` for every setting.\n")
+        more = (f"`{prog} --help` for sh2's settings, `{prog} --help-all` for every setting" if
+                getattr(parser, "sh2_subcommand", None) else f"`{prog} --help`")
+        sys.stderr.write(f"{prog}: error: {plain_text(message)}\nSee {more}.\n")
         self.exit(2)
 
     def format_help(self, formatter: Any = None) -> str:
@@ -267,7 +266,15 @@ class SH2CLI(LightningCLI):
             # ...so Lightning's remark that the checkpoint was written with a ModelCheckpoint is moot here
             warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to")
         extra += [ValidationReport(), ThroughputReport(), MemoryReport()]
-        trainer = self._instantiate_trainer({**self._get(self.config_init, "trainer", default={}), **kwargs}, extra)
+        settings = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        try:
+            trainer = self._instantiate_trainer(settings, extra)
+        except MisconfigurationException as err:  # Lightning names no setting (e.g. "No supported gpu backend")
+            if not re.search(r"gpu|cuda|mps|tpu|accelerator|device|backend", str(err), re.IGNORECASE):
+                raise
+            chosen = ", ".join(f"trainer.{k}={settings.get(k)!r}" for k in ("accelerator", "devices", "precision"))
+            raise ValueError(f"{err} ({chosen}): set the trainer for this machine, e.g. --trainer.accelerator cpu "
+                             f"where there is no GPU") from err
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default: other formats are left alone
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -447,8 +454,6 @@ _USER_ERRORS = (ValueError, KeyError, OSError, EOFError, ImportError)
 
 def error_report(err: BaseException, subcommand: str | None) -> str:
     """What the command prints for an error that ended it: the message, and how to see the traceback."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     prog = f"sh2 {subcommand}" if subcommand else "sh2"
     if isinstance(err, (*_USER_ERRORS, MisconfigurationException)) or (
             isinstance(err, RuntimeError) and str(err).startswith("non-finite training loss")):

@@ -285,3 +285,40 @@ def test_help_is_short_and_shows_sh2_settings_first(capsys, command):
     code, full, _ = sh2(capsys, command, "--help-all")
     assert code == 0 and len(full.splitlines()) > 400 and "--trainer.detect_anomaly" in full
     assert "``" not in full and ":class:" not in full
+
+
+def test_an_error_from_a_dataloader_worker_is_reported_without_the_embedded_traceback():
+    from torch._utils import ExceptionWrapper
+
+    from sh2.cli import error_report
+    from sh2.data.files import DataFileError
+
+    try:
+        raise DataFileError("gzip-compressed file x.fa.gz is truncated or corrupt (EOFError: ...); copy it again")
+    except DataFileError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataFileError) as err:
+        wrapped.reraise()  # what the main process sees: the worker's traceback is in the message
+    assert "Traceback" in str(err.value)
+    assert error_report(err.value, "fit").splitlines()[0] == (
+        "sh2 fit: error: gzip-compressed file x.fa.gz is truncated or corrupt (EOFError: ...); copy it again")
+
+
+def test_an_internal_error_is_reported_as_a_possible_bug_without_a_traceback():
+    from sh2.cli import error_report
+
+    report = error_report(AssertionError("shapes differ"), "fit")
+    assert report.startswith("sh2 fit: error: AssertionError: shapes differ\nThis may be a bug")
+    assert "--debug" in report
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_trainer_settings(tmp_path, capsys):
+    code, _, err = sh2(capsys, "fit", "--config", TINY, "--trainer.accelerator", "gpu",
+                       "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))
+    assert code == 1 and "trainer.accelerator='gpu'" in err and "--trainer.accelerator cpu" in err
+
+
+def test_no_subcommand_is_a_short_error(capsys):
+    code, _, err = sh2(capsys)
+    assert code == 2 and err.splitlines()[-1] == "See `sh2 --help`." and len(err.splitlines()) == 2
