@@ -185,3 +185,22 @@ def test_lora_freezes_the_base_and_freezing_everything_is_refused():
         apply_finetuning(small_model(), None, ["base"])
     with pytest.raises(ValueError, match="model.freeze="):
         apply_finetuning(small_model(), None, ["embeddings", "norms", "mixers", "mlp"])
+
+
+def test_adapter_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).double()
+    layer = LoRALinear(base, rank=4, alpha=4.0, dropout=0.5)
+    randomise_adapters(layer)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    plain = x @ base.weight.T + base.bias + x @ layer.lora_A.T @ layer.lora_B.T
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain, rtol=1e-12, atol=1e-12)
+    layer.train()
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)  # the same mask, drawn independently: inverted dropout scales kept inputs by 1 / (1 - p)
+    kept = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    expected = x @ base.weight.T + base.bias + (x * kept) @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, plain)
