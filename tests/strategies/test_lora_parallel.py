@@ -1,4 +1,5 @@
-"""LoRA under the context-parallel strategy (FSDP2 shards, CP = 2): the same losses and adapters as one process,
+"""LoRA with the transforms applied from outside: activation checkpointing and compiled blocks give the eager
+gradients; under the context-parallel strategy (FSDP2 shards, CP = 2) the same losses and adapters as one process,
 frozen shards that do not move, adapters gathered into adapters.safetensors, a sharded checkpoint that reads as
 merged weights and resumes; with bf16 FSDP2 and activation checkpointing too.
 
@@ -9,20 +10,24 @@ optimizer and schedule in a plain single-process loop.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from cp_harness import run_distributed
 from test_cp_strategy import CONFIG, _Batches, make_batches
 
 from sh2.checkpoints import load_pretrained
 from sh2.checkpoints.adapters import read_adapters
 from sh2.models import SH2Model
-from sh2.strategies import ContextParallelStrategy
-from sh2.training.finetune import full_adapters
+from sh2.models.config import SH2Config
+from sh2.models.lora import LoRAConfig
+from sh2.strategies import ContextParallelStrategy, apply_activation_checkpointing, apply_compile
+from sh2.training.finetune import apply_finetuning, full_adapters
 from sh2.training.module import SH2LightningModule
 
 STEPS = 3
@@ -127,3 +132,31 @@ def make_module_built() -> SH2LightningModule:
 def test_lora_under_fsdp2_and_context_parallelism_matches_one_process() -> None:
     with tempfile.TemporaryDirectory() as root:
         run_distributed(_job, 2, root, lightning_env=True)
+
+
+def test_lora_composes_with_activation_checkpointing_and_compiled_blocks() -> None:
+    torch.manual_seed(0)
+    eager = SH2Model(SH2Config(**CONFIG))
+    apply_finetuning(eager, LoRAConfig.coerce(LORA), None)
+    with torch.no_grad():  # trained adapters, so that both A and B receive gradients
+        for name, p in eager.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    model = copy.deepcopy(eager)
+    apply_activation_checkpointing(model)
+    apply_compile(model, backend="aot_eager")  # dynamo traces the checkpointed block with its LoRA layers
+    assert list(model.state_dict()) == list(eager.state_dict())
+    ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grads(m: SH2Model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m.zero_grad()
+        loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(eager)
+    loss, grads = loss_and_grads(model)
+    assert set(grads) == set(ref_grads) == {n for n, _ in eager.named_parameters() if "lora_" in n}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():  # compiled graphs may reorder fp32 sums: rounding only
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
