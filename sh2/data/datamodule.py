@@ -27,18 +27,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sh2.data.packing import PackedStream, WindowPacker
-from sh2.data.sources import (
-    VAL_SPLITS,
-    DocumentSource,
+from sh2.data.holdout import (
     Holdout,
-    auto_records_needed,
-    is_validation_document,
-    load_source,
+    HoldoutStats,
+    empty_training_message,
+    empty_validation_message,
+    resolve_holdout,
+    val_settings_problems,
+    validation_pieces,
 )
+from sh2.data.packing import PackedStream, WindowPacker
+from sh2.data.sources import DocumentSource, load_source
 from sh2.data.tokenizer import VOCAB_SIZE, ByteTokenizer
 from sh2.strategies.contract import DataLayout, strategy_contract
 
@@ -303,25 +305,9 @@ class SH2DataModule(LightningDataModule):
     def holdout(self) -> Holdout:
         """What validation holds out of ``path``: ``val_split`` with ``auto`` resolved (counting records)."""
         if self._holdout is None:
-            self._holdout = self._resolve_holdout()
+            self._holdout = resolve_holdout(self.source, self.val_split, self.val_fraction, self.seq_len,
+                                            self.val_path)
         return self._holdout
-
-    def _resolve_holdout(self) -> Holdout:
-        if self.val_path is not None or self.val_fraction <= 0:
-            return Holdout("none")
-        mode = self.val_split
-        if mode == "auto":
-            needed = auto_records_needed(self.val_fraction)
-            count = sum(1 for _ in zip(range(needed), self.source.documents(), strict=False))
-            mode = "records" if count >= needed else "within_records"
-            if mode == "within_records":
-                rank_zero_info(
-                    f"[sh2] data.val_split=auto: {self.source.description} has {count} records, too few to hold "
-                    f"out whole ones at data.val_fraction={self.val_fraction} (that needs {needed}); validation is "
-                    f"the last {self.val_fraction:g} of every record, in whole windows of data.seq_len + 1 tokens "
-                    f"(data.val_split: within_records)"
-                )
-        return Holdout(mode, self.val_fraction, self.seq_len + 1)
 
     def set_data_parallel(self, rank: int, size: int) -> None:
         """Overrides the data-parallel rank and size (tests, or custom launchers without a trainer)."""
@@ -373,17 +359,7 @@ class SH2DataModule(LightningDataModule):
             if next(ds.slot_documents(slot), None) is None:
                 where = (f"The training stream of data-parallel rank {rank} (of {size}), worker slot {slot} "
                          f"(of {self.num_slots}) is empty: {self.source.description}")
-                if holdout.mode == "records":
-                    raise ValueError(
-                        f"{where} has no training documents left for it after data.val_split=records held out "
-                        f"whole records (data.val_fraction={self.val_fraction}). Lower data.val_fraction, set "
-                        "data.val_split: within_records (part of every record is held out instead), or lower "
-                        "data.num_workers."
-                    )
-                raise ValueError(  # nothing is held out whole: there are fewer records than readers
-                    f"{where} has fewer records (or files) than data-parallel ranks x DataLoader workers "
-                    f"({size} x {self.num_slots}) to share among them. Lower data.num_workers, or add documents."
-                )
+                raise ValueError(empty_training_message(holdout, where, self.val_fraction, size, self.num_slots))
         return ds
 
     def train_dataloader(self) -> ResumableLoader:
@@ -429,8 +405,9 @@ class SH2DataModule(LightningDataModule):
         packer = WindowPacker(self.seq_len, None)
         windows: list[dict[str, np.ndarray]] = []
         batches: list[Batch] = []
-        stats = {"records": 0, "held_out": 0, "longest": 0, "tokens": 0}
-        for ids, weights in self._validation_pieces(stats):
+        stats = HoldoutStats()
+        source = self.val_source if self.val_path is not None else self.source
+        for ids, weights in validation_pieces(source, self.holdout, self.tokenizer, stats):
             windows.extend(packer.add(ids, weights))
             while len(windows) >= self.batch_size and len(batches) < limit:
                 batches.append(_stack(windows[: self.batch_size]))
@@ -440,57 +417,11 @@ class SH2DataModule(LightningDataModule):
         if windows and len(batches) < limit:
             batches.append(_stack(windows))
         if not batches:
-            raise ValueError(self._empty_validation_message(stats))
+            raise ValueError(empty_validation_message(
+                self.holdout, stats, self.source.description, seq_len=self.seq_len, val_fraction=self.val_fraction,
+                val_split=self.val_split, val_path=self.val_path))
         self._val = batches
         return batches
-
-    def _validation_pieces(self, stats: dict[str, int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Token runs (with their weights) that validation packs, in stream order; counts into ``stats``."""
-        holdout = self.holdout
-        source = self.val_source if self.val_path is not None else self.source
-        for text in source.documents():
-            stats["records"] += 1
-            if holdout.mode == "records" and not is_validation_document(text, self.val_fraction):
-                continue
-            ids, weights = self.tokenizer.encode_document(text)
-            stats["longest"] = max(stats["longest"], len(ids))
-            if holdout.mode == "within_records":
-                held = holdout.held_out_tokens(len(ids))
-                if not held:
-                    continue
-                ids, weights = ids[-held:], weights[-held:]
-            stats["held_out"] += 1
-            stats["tokens"] += len(ids)
-            yield ids, weights
-
-    def _empty_validation_message(self, stats: dict[str, int]) -> str:
-        window = self.seq_len + 1
-        if self.val_path is not None:
-            return (f"The validation files data.val_path={self.val_path!r} hold {stats['tokens']} tokens in "
-                    f"{stats['records']} documents, fewer than one window of data.seq_len + 1 = {window} tokens. "
-                    "Lower data.seq_len or add validation documents.")
-        head = f"The validation split of {self.source.description} is empty: "
-        if self.holdout.mode == "records":
-            few = stats["records"] < auto_records_needed(self.val_fraction)
-            return head + (
-                f"data.val_split=records held out {stats['held_out']} of {stats['records']} records (by a hash of "
-                f"their content, data.val_fraction={self.val_fraction}), fewer than one window of data.seq_len + 1 "
-                f"= {window} tokens. " + (
-                    "With this few records, set data.val_split: within_records (the last data.val_fraction of "
-                    "every record is held out) or give validation files with data.val_path." if few else
-                    "Raise data.val_fraction, lower data.seq_len, set data.val_split: within_records or "
-                    "data.val_path, or set data.val_fraction: 0 to disable validation."))
-        chosen = " (chosen by data.val_split=auto for so few records)" if self.val_split == "auto" else ""
-        longest = stats["longest"]
-        message = head + (
-            f"data.val_split=within_records{chosen} holds out whole windows of data.seq_len + 1 = {window} tokens "
-            f"from the last data.val_fraction={self.val_fraction} of each record, and no record has one: the "
-            f"longest has {longest} tokens, and {self.val_fraction} x {longest} < {window}. ")
-        if longest >= window:  # some record holds a window: a larger fraction finds it
-            return message + (f"Raise data.val_fraction to at least {window / longest:.3g}, lower data.seq_len, "
-                              "or give validation files with data.val_path.")
-        return message + (f"Every record is shorter than one window: lower data.seq_len below {longest}, or give "
-                          "validation files with data.val_path.")
 
     def unigram_entropy(self) -> float:
         """Entropy (nats per token) of the validation labels' unigram distribution, counting each label
@@ -588,13 +519,7 @@ def _check_args(
     seq_len: int, batch_size: int, num_workers: int, val_fraction: float, val_batches: int | None,
     shuffle_buffer: int, rc_prob: float, val_split: str, val_path: str | None,
 ) -> None:
-    problems = []
-    if val_split not in VAL_SPLITS:
-        problems.append(f"data.val_split must be one of {', '.join(VAL_SPLITS)} (got {val_split!r}): how "
-                        "validation is held out of data.path; separate validation files go in data.val_path")
-    elif val_path is not None and val_split != "auto":
-        problems.append(f"data.val_split={val_split!r} holds validation out of data.path, but data.val_path is set "
-                        "(every document of data.path then trains); leave data.val_split at auto")
+    problems = val_settings_problems(val_split, val_path)
     if seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {seq_len})")
     if batch_size < 1:

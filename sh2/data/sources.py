@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import importlib.resources
 import lzma
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,63 +132,6 @@ def is_validation_document(text: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=_VALIDATION_SALT).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
-
-
-VAL_SPLITS = ("auto", "records", "within_records")
-"""How validation is held out of ``data.path`` (``data.val_split``); see :class:`Holdout`."""
-AUTO_HELD_OUT_RECORDS = 2
-"""``auto`` holds out whole records when at least this many are expected in validation (``val_fraction * records``)."""
-AUTO_COUNT_LIMIT = 10_000
-"""``auto`` counts at most this many records (then it holds out whole records)."""
-
-
-def auto_records_needed(val_fraction: float) -> int:
-    """Records a source needs for ``data.val_split: auto`` to hold out whole records:
-    ``ceil(AUTO_HELD_OUT_RECORDS / val_fraction)``, at most :data:`AUTO_COUNT_LIMIT`."""
-    return min(AUTO_COUNT_LIMIT, math.ceil(AUTO_HELD_OUT_RECORDS / val_fraction - 1e-9))
-
-
-@dataclass(frozen=True)
-class Holdout:
-    """Which tokens of ``data.path`` are held out for validation; the rest trains.
-
-    Modes:
-        ``records``: whole records, chosen by a hash of their content (:func:`is_validation_document`), about
-            ``val_fraction`` of them. Needs many records.
-        ``within_records``: the tail of every record, ``floor(val_fraction * n / window)`` whole windows of
-            ``window = seq_len + 1`` tokens from the end of a record of ``n`` tokens (its EOD included), so no
-            validation window crosses a record boundary or overlaps the record's training part (its first
-            ``n - held`` tokens). For one genome or a few long records.
-        ``none``: nothing held out (validation disabled, or taken from ``data.val_path``).
-
-    Attributes:
-        mode: one of the modes above.
-        val_fraction: the fraction held out.
-        window: ``seq_len + 1``, the tokens of one validation window.
-    """
-
-    mode: str
-    val_fraction: float = 0.0
-    window: int = 1
-
-    def held_out_tokens(self, num_tokens: int) -> int:
-        """Tokens held out at the end of a record of ``num_tokens`` tokens (EOD included), ``within_records``."""
-        if self.mode != "within_records":
-            return 0
-        return math.floor(self.val_fraction * num_tokens / self.window) * self.window
-
-    def training_text(self, text: str) -> str | None:
-        """The part of a record that trains: the whole record, None (held out whole), or its head."""
-        if self.mode == "records":
-            return None if is_validation_document(text, self.val_fraction) else text
-        n = len(text) + 1 if text.isascii() else len(text.encode("utf-8")) + 1
-        held = self.held_out_tokens(n)
-        if not held:
-            return text
-        if text.isascii():
-            return text[: n - held]
-        # a cut inside a multi-byte character drops that character: a gap, never an overlap
-        return text.encode("utf-8")[: n - held].decode("utf-8", errors="ignore")
 
 
 def load_source(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sh2.data import SH2DataModule, is_validation_document
-from sh2.data.sources import Holdout
+from sh2.data.holdout import Holdout
 
 SEQ_LEN, BATCH = 32, 4
 W = SEQ_LEN + 1
