@@ -122,6 +122,25 @@ def _job(rank: int, world: int, root: str) -> None:
     _trainer(ContextParallelStrategy(cp={"size": 2}, mixed_precision="bf16"), root, [losses]).fit(module, loader)
     assert max(abs(a - b) / b for a, b in zip(losses.losses, expected)) < 1e-2, (losses.losses, expected)
 
+    # built on the meta device (no init_from): the strategy materialises the shards and init_weights draws the
+    # adapters too, A from Kaiming-uniform U(-1/sqrt(in), 1/sqrt(in)) and B zero
+    start = AtStart()
+    _trainer(ContextParallelStrategy(cp={"size": 2}, meta_init=True), root, [start], steps=1).fit(make_module(),
+                                                                                                loader)
+    bound = 1 / CONFIG["hidden_size"] ** 0.5
+    for name, value in start.adapters.items():
+        if name.endswith("lora_B"):
+            assert not value.any(), name
+        elif name.endswith("mlp.w1.lora_A"):
+            assert value.abs().max() <= bound and value.std() > bound / 4, name
+
+
+class AtStart(L.Callback):
+    """The whole adapters as training starts (gathered from the FSDP2 shards on every rank)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.adapters = full_adapters(pl_module.model)
+
 
 def make_module_built() -> SH2LightningModule:
     module = make_module()
