@@ -47,7 +47,7 @@ def save_adapters(tensors: Mapping[str, torch.Tensor] | nn.Module, lora: LoRACon
     Returns:
         The file written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if isinstance(tensors, nn.Module):
         tensors = adapter_parameters(tensors)
@@ -60,8 +60,9 @@ def save_adapters(tensors: Mapping[str, torch.Tensor] | nn.Module, lora: LoRACon
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(out, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:  # adapters are small: serialised in memory, written and synced at once
+            fh.write(save(out, metadata=meta))
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:

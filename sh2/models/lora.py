@@ -42,10 +42,10 @@ class LoRAConfig:
         alpha: scale numerator: the update is ``(alpha / rank) * B A``.
         dropout: dropout on the adapters' input while training (0: none).
         targets: linear layers to adapt, each matched against the dotted module path by its last components:
-            ``w1`` adapts every MLP's ``w1``, ``mixer.out_proj`` the mixers' output projections only,
-            ``blocks.3.mlp.w2`` one layer. Names: ``in_proj``, ``out_proj`` (Hyena), ``qkv``, ``out_proj``
-            (attention), ``w1``, ``w2``, ``w3`` (MLP), ``lm_head`` (an untied head). Each listed target must
-            match a linear layer. None (default): every one of :data:`DEFAULT_TARGETS` the model has.
+            ``w1`` adapts every MLP's ``w1``, ``blocks.3.mlp.w2`` one layer. Names: ``in_proj``, ``out_proj``
+            (Hyena), ``qkv``, ``out_proj`` (attention), ``w1``, ``w2``, ``w3`` (MLP), ``lm_head`` (an untied
+            head). Each listed target must match a linear layer. None (default): every one of
+            :data:`DEFAULT_TARGETS` the model has.
         save_adapters: write ``adapters.safetensors`` (the adapters alone, with these settings and the model
             config) beside every checkpoint of a run.
     """
@@ -204,8 +204,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
             what = (f"matches {paths[0]!r}, which is a {type(modules[paths[0]]).__name__}, not a linear layer"
                     if paths else "matches no module of the model")
             raise ValueError(f"model.lora.targets: {target!r} {what}. Targets name linear layers by their last "
-                             f"path components: {linear_names(model)} (e.g. 'w1', 'mixer.out_proj', "
-                             f"'blocks.0.mlp.w2').")
+                             f"path components: {linear_names(model)} (e.g. 'w1', or 'blocks.0.mlp.w2' for "
+                             f"one layer).")
     adapted = []
     for path, module in modules.items():
         if not path or not any(_matches(path, t) for t in targets):

@@ -89,6 +89,8 @@ def test_targets_match_dotted_suffixes_only():
     adapted = apply_lora(model, LoRAConfig(targets=("mixer.out_proj", "blocks.0.mlp.w1")))
     assert adapted == ["blocks.0.mixer.out_proj", "blocks.0.mlp.w1", "blocks.1.mixer.out_proj",
                        "blocks.2.mixer.out_proj", "blocks.3.mixer.out_proj"]
+    with pytest.raises(ValueError, match="'xer.out_proj' matches no module"):  # whole path components only
+        apply_lora(small_model(), LoRAConfig(targets=("xer.out_proj",)))
 
 
 @pytest.mark.parametrize("target,needle", [
