@@ -7,8 +7,10 @@ Example:
     >>> load_into(model, "runs/x/checkpoints/last.ckpt")      # validate, convert, copy in place
     >>> save_vortex(model, model.config, "export/my_model.pt")  # + export/my_model.yml for the evo2 package
     >>> save_safetensors(model, model.config, "export/my_model.safetensors")  # config in the metadata
+    >>> load_adapters(model, "runs/x/checkpoints/adapters.safetensors")  # LoRA adapters into an adapted model
 """
 
+from sh2.checkpoints.adapters import load_adapters, read_adapters, save_adapters
 from sh2.checkpoints.files import CheckpointError, CheckpointHint, assemble_shards, load_file, shard_paths
 from sh2.checkpoints.loading import detect_format, load_into, load_pretrained, read_checkpoint
 from sh2.checkpoints.safetensors_file import save_safetensors
@@ -18,6 +20,7 @@ from sh2.checkpoints.vortex import read_vortex, save_vortex, sh2_to_vortex, vort
 from sh2.checkpoints.vortex_config import config_from_vortex, infer_config, vortex_from_config
 
 __all__ = ["CheckpointError", "CheckpointHint", "LazyStateDict", "assemble_shards", "check_state", "config_from_vortex",
-           "detect_format", "expected_shapes", "infer_config", "load_file", "load_into", "load_pretrained",
+           "detect_format", "expected_shapes", "infer_config", "load_adapters", "load_file", "load_into",
+           "load_pretrained", "read_adapters", "save_adapters",
            "read_checkpoint", "read_savanna", "read_vortex", "save_safetensors", "save_vortex", "savanna_to_sh2",
            "shard_paths", "sh2_to_vortex", "vortex_from_config", "vortex_to_sh2"]

@@ -6,11 +6,15 @@ Usage::
     python -m sh2.checkpoints.export CKPT export/tiny/                      # folder: model.safetensors + config.json
     python -m sh2.checkpoints.export CKPT export/tiny.pt --format vortex    # + export/tiny.yml, for the evo2 package
     python -m sh2.checkpoints.export arcinstitute/evo2_7b evo2_7b.safetensors --dtype bfloat16
+    python -m sh2.checkpoints.export BASE merged.safetensors --adapters RUN/checkpoints/adapters.safetensors
 
 The source is anything ``model.init_from`` accepts: an sh2 Lightning ``.ckpt`` (file or sharded folder), an
 sh2 state dict or safetensors file, a Vortex or Savanna Evo 2 checkpoint, or a Hugging Face repo id. Its config
 comes from the checkpoint (``--preset`` for a plain state dict without one). The result loads back with
 ``model.init_from`` / :func:`sh2.checkpoints.load_pretrained`.
+
+LoRA: the checkpoint of a LoRA run exports with its adapters merged into the weights (``W + (alpha / r) B A``);
+``--adapters FILE`` merges an adapter-only file (``adapters.safetensors``) into the source's weights.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sh2.checkpoints.adapters import merge_adapters, read_adapters
 from sh2.checkpoints.files import CheckpointError
 from sh2.checkpoints.loading import read_checkpoint
 from sh2.checkpoints.safetensors_file import save_safetensors
@@ -33,12 +38,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def export_checkpoint(source: str, output: str, fmt: str = "safetensors", dtype: str | None = None,
                       preset: str | None = None, trust_pickle: bool = False,
-                      vortex_config: str | None = None) -> list[Path]:
+                      vortex_config: str | None = None, adapters: str | None = None) -> list[Path]:
     """Convert ``source`` to ``output`` (see the module docstring); returns the files written.
+
+    ``adapters``: an adapter file (``adapters.safetensors`` of a LoRA run) to merge into the source's weights.
 
     Raises:
         CheckpointError: an unreadable source, a source without config and no ``preset``, an output name that
-            does not fit the format.
+            does not fit the format, adapters that do not fit the weights.
     """
     if fmt not in ("safetensors", "vortex"):
         raise CheckpointError(f"--format must be 'safetensors' or 'vortex', got {fmt!r}")
@@ -55,6 +62,9 @@ def export_checkpoint(source: str, output: str, fmt: str = "safetensors", dtype:
     if config is None:
         raise CheckpointError(f"{source} holds weights without a config; pass --preset NAME (an SH2Config preset "
                               f"such as tiny or evo2_7b_8k)")
+    if adapters is not None:
+        tensors, lora, _, _ = read_adapters(adapters)
+        state = merge_adapters(state, tensors, lora, f"{source} + {adapters}")
     weights = state.materialize()
     cast = DTYPES[dtype] if dtype else None
     if fmt == "vortex":
@@ -76,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vortex-config", default=None, help="the evo2 YAML of a Vortex source")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow pickled objects in the source (trusted files only)")
+    parser.add_argument("--adapters", default=None,
+                        help="a LoRA adapter file (adapters.safetensors) to merge into the source's weights")
     args = parser.parse_args(argv)
     try:
         paths = export_checkpoint(args.source, args.output, args.fmt, args.dtype, args.preset, args.trust_pickle,
-                                  args.vortex_config)
+                                  args.vortex_config, args.adapters)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

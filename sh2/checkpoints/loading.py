@@ -15,7 +15,8 @@ checkpoint folder (ZeRO 1-3; its fp32 weights gathered with DeepSpeed's ``zero_t
 ``deepspeed`` package and ``trust_pickle``).
 
 sh2 weights exported as safetensors (:mod:`sh2.checkpoints.safetensors_file`) are read as ``sh2``, and a Hugging
-Face repo id is first resolved to its files in the local cache (:mod:`sh2.checkpoints.hub`).
+Face repo id is first resolved to its files in the local cache (:mod:`sh2.checkpoints.hub`). The LoRA adapters
+of a LoRA run's checkpoint are merged into the weights they adapt (:mod:`sh2.checkpoints.adapters`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sh2.checkpoints.adapters import is_adapter_file, lora_settings_of, merge_adapters
 from sh2.checkpoints.files import (
     CheckpointError,
     assemble_shards,
@@ -144,6 +146,10 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
         file, is_savanna_dir = Path(path), False
         obj = load_distributed_checkpoint(file, trust_pickle=trust_pickle)
     elif is_safetensors_checkpoint(path):  # sh2 weights exported as safetensors (file, or folder + config.json)
+        if is_adapter_file(path):
+            raise CheckpointError(f"{path} holds LoRA adapters only, not model weights; merge them into the weights "
+                                  f"they were trained on: python -m sh2.checkpoints.export BASE merged.safetensors "
+                                  f"--adapters {path}")
         file, is_savanna_dir = Path(path), False
         obj = read_safetensors(file)
     elif deepspeed_checkpoint_tag(path, trust_pickle) is not None:  # Lightning DeepSpeed run (ZeRO 1-3)
@@ -167,6 +173,7 @@ def read_checkpoint(path: str | os.PathLike, config: SH2Config | None = None,
         own = _config_of(obj)
         used = config or own
         state = as_lazy({k: v for k, v in _strip(inner, fmt == "lightning").items() if isinstance(v, torch.Tensor)})
+        state = merge_adapters(state, None, lora_settings_of(obj), str(path))  # a LoRA run: W + (alpha / r) B A
     if config is not None and own is not None:
         diff = {k: (v, getattr(config, k)) for k, v in own.to_dict().items()
                 if k not in _NON_SEMANTIC and getattr(config, k) != v}

@@ -3,7 +3,8 @@
 Data flow (one data-parallel rank, ``W = max(1, num_workers)`` worker slots)::
 
     load_source()  ->  documents of slot s = split_dataset_by_node(part=dp_rank * W + s, of dp_size * W)
-                   ->  drop validation documents (content hash, see ``is_validation_document``)
+                   ->  hold out validation (``data.val_split``, see ``Holdout``): whole records chosen by a
+                       content hash, or the tail windows of every record (one genome, a few long records)
                    ->  PackedStream: shuffle buffer (seed, epoch, dp_rank, s), RC, tokenize, EOD, pack
                    ->  DataLoader worker i serves slot (i + start) % W; batches arrive round robin
 
@@ -29,8 +30,17 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sh2.data.holdout import (
+    Holdout,
+    HoldoutStats,
+    empty_training_message,
+    empty_validation_message,
+    resolve_holdout,
+    val_settings_problems,
+    validation_pieces,
+)
 from sh2.data.packing import PackedStream, WindowPacker
-from sh2.data.sources import DocumentSource, is_validation_document, load_source
+from sh2.data.sources import DocumentSource, load_source
 from sh2.data.tokenizer import VOCAB_SIZE, ByteTokenizer
 from sh2.strategies.contract import DataLayout, strategy_contract
 
@@ -53,7 +63,7 @@ class TrainBatches(IterableDataset):
         seed: Base seed.
         shuffle_buffer: Document shuffle buffer size.
         rc_prob: Reverse-complement probability per document.
-        val_fraction: Fraction of documents held out (these are skipped here).
+        holdout: What validation holds out of each document (skipped or cut off here).
         dp_rank: Data-parallel rank.
         dp_size: Data-parallel size.
         num_slots: Worker slots per rank (``max(1, num_workers)``).
@@ -68,7 +78,7 @@ class TrainBatches(IterableDataset):
         seed: int,
         shuffle_buffer: int,
         rc_prob: float,
-        val_fraction: float,
+        holdout: Holdout,
         dp_rank: int,
         dp_size: int,
         num_slots: int,
@@ -80,7 +90,7 @@ class TrainBatches(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.rc_prob = rc_prob
-        self.val_fraction = val_fraction
+        self.holdout = holdout
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.num_slots = num_slots
@@ -90,7 +100,8 @@ class TrainBatches(IterableDataset):
         """Training documents of worker slot ``slot`` of this rank, in stream order (one epoch)."""
         part = self.dp_rank * self.num_slots + slot
         for text in self.source.documents(part, self.dp_size * self.num_slots):
-            if not is_validation_document(text, self.val_fraction):
+            text = self.holdout.training_text(text)
+            if text is not None:
                 yield text
 
     def slot_stream(self, slot: int) -> PackedStream:
@@ -197,9 +208,17 @@ class SH2DataModule(LightningDataModule):
         seq_len: Model sequence length L (windows of L + 1 tokens).
         batch_size: Sequences per batch and per data-parallel rank.
         num_workers: DataLoader worker processes (0: load in the main process).
-        val_fraction: Fraction of whole documents held out for validation, chosen by content hash
-            (0 disables validation).
-        val_batches: At most this many validation batches (None: every held-out document).
+        val_fraction: Fraction held out for validation (0 disables validation): of the records, or of every
+            record's tokens (``val_split``).
+        val_batches: At most this many validation batches (None: every held-out window).
+        val_split: How validation is held out of ``path``. ``records``: whole records chosen by a hash of
+            their content (about ``val_fraction`` of them). ``within_records``: the last ``val_fraction`` of
+            every record's tokens, in whole windows of ``seq_len + 1`` that never overlap the record's training
+            part, for one genome or a few long records. ``auto``: ``records`` when the source has at least
+            ``2 / val_fraction`` records (two expected in validation), else ``within_records`` (with a notice).
+        val_path: Separate validation files (or a hub dataset, read with its ``validation`` split), read like
+            ``path`` with the same format settings; every document of ``path`` then trains, and
+            ``val_fraction`` and ``val_split`` are not used.
         shuffle_buffer: Documents in the seeded shuffle buffer (0 or 1: stream order).
         seed: Seed of shuffling and augmentation; epoch e of worker slot s on rank r draws from
             ``SeedSequence([seed, e, r, s])``, so every epoch is reshuffled.
@@ -224,6 +243,8 @@ class SH2DataModule(LightningDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         val_batches: int | None = 64,
+        val_split: str = "auto",
+        val_path: str | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 42,
         reverse_complement_prob: float = 0.0,
@@ -234,7 +255,7 @@ class SH2DataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _check_args(seq_len, batch_size, num_workers, val_fraction, val_batches, shuffle_buffer,
-                    reverse_complement_prob)
+                    reverse_complement_prob, val_split, val_path)
         self.save_hyperparameters()
         self.source_args = dict(path=path, name=name, data_files=data_files, format=format, split=split,
                                 text_field=text_field, fasta_headers=fasta_headers)
@@ -243,6 +264,8 @@ class SH2DataModule(LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.val_batches = val_batches
+        self.val_split = val_split
+        self.val_path = val_path
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.reverse_complement_prob = reverse_complement_prob
@@ -251,6 +274,8 @@ class SH2DataModule(LightningDataModule):
         self.consumed_batches = 0
         self._fetched = 0
         self._source: DocumentSource | None = None
+        self._val_source: DocumentSource | None = None
+        self._holdout: Holdout | None = None
         self._val: list[Batch] | None = None
         self._dp_override: tuple[int, int] | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -262,6 +287,27 @@ class SH2DataModule(LightningDataModule):
         if self._source is None:
             self._source = load_source(**self.source_args)
         return self._source
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether there is a validation set (``val_path``, or a positive ``val_fraction``)."""
+        return self.val_path is not None or self.val_fraction > 0
+
+    @property
+    def val_source(self) -> DocumentSource:
+        """The documents of ``val_path`` (opened on first use)."""
+        if self._val_source is None:
+            args = {**self.source_args, "path": self.val_path, "data_files": None, "split": "validation"}
+            self._val_source = load_source(**args)
+        return self._val_source
+
+    @property
+    def holdout(self) -> Holdout:
+        """What validation holds out of ``path``: ``val_split`` with ``auto`` resolved (counting records)."""
+        if self._holdout is None:
+            self._holdout = resolve_holdout(self.source, self.val_split, self.val_fraction, self.seq_len,
+                                            self.val_path)
+        return self._holdout
 
     def set_data_parallel(self, rank: int, size: int) -> None:
         """Overrides the data-parallel rank and size (tests, or custom launchers without a trainer)."""
@@ -299,23 +345,21 @@ class SH2DataModule(LightningDataModule):
         if self.trainer is not None:
             strategy_contract(self.trainer.strategy).set_data_layout(self.layout)
         self.source.check()
-        if stage in (None, "fit", "validate", "test") and self.val_fraction > 0:
+        if stage in (None, "fit", "validate", "test") and self.has_validation:
             self.val_batches_list()
 
     def train_batches(self) -> TrainBatches:
         """This rank's :class:`TrainBatches` (checks that every worker slot has training documents)."""
         rank, size = self.data_parallel()
+        holdout = self.holdout
         ds = TrainBatches(self.source, self.tokenizer, self.seq_len, self.batch_size, self.seed,
-                          self.shuffle_buffer, self.reverse_complement_prob, self.val_fraction,
+                          self.shuffle_buffer, self.reverse_complement_prob, holdout,
                           rank, size, self.num_slots)
         for slot in range(self.num_slots):
             if next(ds.slot_documents(slot), None) is None:
-                raise ValueError(
-                    f"The training stream of data-parallel rank {rank} (of {size}), worker slot {slot} "
-                    f"(of {self.num_slots}) is empty: {self.source.description} has no training documents "
-                    f"left for it after data.val_fraction={self.val_fraction} held some out. Lower "
-                    "data.val_fraction or data.num_workers, or add documents."
-                )
+                where = (f"The training stream of data-parallel rank {rank} (of {size}), worker slot {slot} "
+                         f"(of {self.num_slots}) is empty: {self.source.description}")
+                raise ValueError(empty_training_message(holdout, where, self.val_fraction, size, self.num_slots))
         self._warn_if_data_is_shorter_than_a_window(ds)
         return ds
 
@@ -348,12 +392,12 @@ class SH2DataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Finite validation loader (the same batches on every run and rank); [] when disabled."""
-        if self.val_fraction <= 0:
+        if not self.has_validation:
             return []
         return DataLoader(CachedBatches(self.val_batches_list()), batch_size=None, num_workers=0)
 
     def test_dataloader(self) -> DataLoader | list:
-        """The held-out documents again (there is no separate test split)."""
+        """The validation batches again (there is no separate test split)."""
         return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -370,11 +414,12 @@ class SH2DataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------- validation data
     def val_batches_list(self) -> list[Batch]:
-        """The validation batches (built once): held-out documents, in stream order, packed into windows
-        of ``seq_len + 1`` (a last partial window is dropped) and grouped by ``batch_size``.
+        """The validation batches (built once), in stream order, packed into windows of ``seq_len + 1`` and
+        grouped by ``batch_size``: the held-out records (a last partial window is dropped), the tail windows of
+        every record (``within_records``), or the documents of ``val_path``.
 
         Raises:
-            ValueError: No document was held out, or they hold fewer than ``seq_len + 1`` tokens.
+            ValueError: Nothing was held out that fills one window; the message says what would help.
         """
         if self._val is not None:
             return self._val
@@ -382,26 +427,21 @@ class SH2DataModule(LightningDataModule):
         packer = WindowPacker(self.seq_len, None)
         windows: list[dict[str, np.ndarray]] = []
         batches: list[Batch] = []
-        n_docs = 0
-        for text in self.source.documents():
-            if len(batches) >= limit:
-                break
-            if not is_validation_document(text, self.val_fraction):
-                continue
-            n_docs += 1
-            windows.extend(packer.add(*self.tokenizer.encode_document(text)))
+        stats = HoldoutStats()
+        source = self.val_source if self.val_path is not None else self.source
+        for ids, weights in validation_pieces(source, self.holdout, self.tokenizer, stats):
+            windows.extend(packer.add(ids, weights))
             while len(windows) >= self.batch_size and len(batches) < limit:
                 batches.append(_stack(windows[: self.batch_size]))
                 del windows[: self.batch_size]
+            if len(batches) >= limit:
+                break
         if windows and len(batches) < limit:
             batches.append(_stack(windows))
         if not batches:
-            raise ValueError(
-                f"The validation split of {self.source.description} is empty: data.val_fraction="
-                f"{self.val_fraction} held out {n_docs} documents, fewer than one window of "
-                f"data.seq_len + 1 = {self.seq_len + 1} tokens. Raise data.val_fraction, lower data.seq_len, "
-                "or set data.val_fraction: 0 to disable validation."
-            )
+            raise ValueError(empty_validation_message(
+                self.holdout, stats, self.source.description, seq_len=self.seq_len, val_fraction=self.val_fraction,
+                val_split=self.val_split, val_path=self.val_path))
         self._val = batches
         return batches
 
@@ -425,6 +465,9 @@ class SH2DataModule(LightningDataModule):
             "num_workers_slots": self.num_slots, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
             "reverse_complement_prob": self.reverse_complement_prob, "val_fraction": self.val_fraction,
             "tokenizer": repr(tok),
+            # what trains besides whole records; absent in the default case, so earlier checkpoints still resume
+            **({"val_split": self.holdout.mode} if self.holdout.mode == "within_records" else {}),
+            **({"val_path": self.val_path} if self.val_path is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -458,7 +501,8 @@ class SH2DataModule(LightningDataModule):
                 f"Resuming the data stream of {saved.get('source')!r} from {now['source']!r}; the position "
                 "is exact only if the documents are the same, in the same order."
             )
-        diff = {k: (saved.get(k), v) for k, v in now.items() if k != "source" and saved.get(k) != v}
+        keys = [*now, *(k for k in saved if k not in now)]
+        diff = {k: (saved.get(k), now.get(k)) for k in keys if k != "source" and saved.get(k) != now.get(k)}
         if diff:
             details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
@@ -495,9 +539,9 @@ def _stack(windows: list[dict[str, np.ndarray]]) -> Batch:
 
 def _check_args(
     seq_len: int, batch_size: int, num_workers: int, val_fraction: float, val_batches: int | None,
-    shuffle_buffer: int, rc_prob: float,
+    shuffle_buffer: int, rc_prob: float, val_split: str, val_path: str | None,
 ) -> None:
-    problems = []
+    problems = val_settings_problems(val_split, val_path)
     if seq_len < 2:
         problems.append(f"data.seq_len must be >= 2 (got {seq_len})")
     if batch_size < 1:

@@ -235,7 +235,8 @@ class MemoryReport(L.Callback):
         """The estimate of :func:`sh2.training.memory.memory_report` for ``module`` trained under ``strategy``.
 
         Args:
-            module: the module (its model config, sequence length and activation checkpointing).
+            module: the module (its model config, sequence length, activation checkpointing, LoRA and frozen
+                groups).
             strategy: the trainer's strategy (its CP and data-parallel sizes, sharding and compute precision).
             gpu_gib: memory of one GPU.
             micro_batch_size: sequences per batch and data-parallel rank.
@@ -249,4 +250,5 @@ class MemoryReport(L.Callback):
         return memory_report(module.config, module.hparams.seq_len, gpu_gib, cp=contract.context_parallel_size,
                              dp=contract.data_parallel_size, batch=micro_batch_size,
                              activation_checkpointing=module.hparams.activation_checkpointing,
-                             sharded=contract.shards_parameters, mixed_precision=contract.mixed_precision)
+                             sharded=contract.shards_parameters, mixed_precision=contract.mixed_precision,
+                             lora=module.lora, freeze=module.hparams.get("freeze"))

@@ -26,17 +26,26 @@ peak allocated memory: the allocator's reserve and the CUDA context add a few Gi
 ratios and the FFT slice size (``SH2_FFT_SLICE_MB``) move it. ``dp`` is the FSDP2 shard size
 (``data_parallel_replicate_size`` replicas hold full copies of the shards).
 
+Finetuning with frozen parameters (LoRA, ``model.freeze``): a frozen parameter keeps only its fp32 weight
+(4 B/parameter: no gradient, no AdamW moments) and has no fp32 gradient in the gathered block; the adapters
+and other trainable parameters count as above. Activations do not shrink: the backward pass still runs through
+every block to reach the adapters.
+
     python -m sh2.training.memory --preset evo2_7b_1m --seq-len 1048576 --cp 8 16 32
+    python -m sh2.training.memory --preset evo2_7b_8k --seq-len 8192 --cp 1 --lora-rank 8 --gpu-gib 139.8
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sh2.models.config import SH2Config
+from sh2.models.lora import DEFAULT_TARGETS, LoRAConfig
 from sh2.models.operators import mixer_class, mixer_classes
 
 GIB = 2**30
@@ -57,20 +66,38 @@ class MemoryEstimate:
         return self.states + self.gathered + self.activations + self.logits
 
 
-def _parameter_counts(config: SH2Config) -> tuple[int, int]:
-    """(all parameters, parameters of the largest block), counted on the meta device."""
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of the model and of its largest block, all and trainable (LoRA adapters included)."""
+
+    total: int
+    block: int
+    trainable: int
+    block_trainable: int
+
+
+def parameter_counts(config: SH2Config, lora: LoRAConfig | None = None,
+                     freeze: Sequence[str] | None = None) -> ParameterCounts:
+    """Count parameters on the meta device, after applying LoRA and freezing as a run would."""
     from sh2.models.model import SH2Model
+    from sh2.training.finetune import apply_finetuning
 
     with torch.device("meta"):
         model = SH2Model(config)
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in block.parameters()) for block in model.blocks)
-    return total, largest
+        if lora is not None or freeze is not None:
+            apply_finetuning(model, lora, freeze)
+
+    def count(module: torch.nn.Module, trainable_only: bool) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+    block = max(model.blocks, key=lambda b: count(b, False))
+    return ParameterCounts(count(model, False), count(block, False), count(model, True), count(block, True))
 
 
 def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp: int = 1, batch: int = 1,
                              activation_checkpointing: bool = True, optimizer: bool = True,
-                             sharded: bool = True, mixed_precision: str | None = "bf16") -> MemoryEstimate:
+                             sharded: bool = True, mixed_precision: str | None = "bf16",
+                             lora: LoRAConfig | None = None, freeze: Sequence[str] | None = None) -> MemoryEstimate:
     """Estimate the peak memory per GPU of one training step (see the module docstring for the model).
 
     Args:
@@ -84,6 +111,8 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
         sharded: FSDP2 sharding of weights, gradients and optimizer state (False: replicated).
         mixed_precision: FSDP2's ``mixed_precision`` (``"bf16"``: bf16 gathered weights and block inputs, as
             in sh2's GPU configs; None: fp32 weights under bf16 autocast).
+        lora: LoRA settings of a finetune (``model.lora``): adapters train, the base weights are frozen.
+        freeze: frozen parameter groups (``model.freeze``; with LoRA, default every base weight).
 
     Returns:
         The estimate by part, in GiB.
@@ -100,10 +129,11 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
     if mixed_precision not in ("bf16", None):
         raise ValueError(f"mixed_precision must be 'bf16' or None, got {mixed_precision!r}")
     s = 2 if mixed_precision == "bf16" else 4
-    params, block_params = _parameter_counts(config)
+    n = parameter_counts(config, lora, freeze)
     shards = dp * cp if sharded else 1
-    states = params * (16 if optimizer else 8) / shards
-    gathered = block_params * (2 * s + 4) if sharded and shards > 1 else 0.0
+    # trainable: fp32 weight + fp32 gradient (+ two fp32 AdamW moments); frozen: the fp32 weight alone
+    states = (n.trainable * (16 if optimizer else 8) + (n.total - n.trainable) * 4) / shards
+    gathered = (n.block * 2 * s + n.block_trainable * 4) if sharded and shards > 1 else 0.0
     tokens = batch * seq_len / cp
     d = config.hidden_size
     working = [mixer_class(op).block_working_set(config) for op in config.operators]
@@ -116,7 +146,7 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
 
 
 def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1, headroom: float = 0.9,
-                max_cp: int = 256, **kwargs: bool | int | str | None) -> int | None:
+                max_cp: int = 256, **kwargs: Any) -> int | None:
     """The smallest power-of-two CP size that the model allows (heads, groups, halo lengths with the default
     schemes) and whose estimate fits ``headroom * gpu_gib``; None if none up to ``max_cp`` or until ``2 cp``
     stops dividing ``seq_len``."""
@@ -144,14 +174,15 @@ def smallest_cp(config: SH2Config, seq_len: int, gpu_gib: float, *, dp: int = 1,
 
 def memory_report(config: SH2Config, seq_len: int, gpu_gib: float, *, cp: int = 1, dp: int = 1, batch: int = 1,
                   activation_checkpointing: bool = True, sharded: bool = True,
-                  mixed_precision: str | None = "bf16") -> tuple[str, bool]:
+                  mixed_precision: str | None = "bf16", lora: LoRAConfig | None = None,
+                  freeze: Sequence[str] | None = None) -> tuple[str, bool]:
     """A one-line estimate for the start of a run, and whether it predicts running out of memory.
 
     When it does, the line names the setting to change: a CP size that fits (``smallest_cp``), else shorter
     sequences or smaller batches, and activation checkpointing when it is off.
     """
     kwargs = dict(batch=batch, activation_checkpointing=activation_checkpointing, sharded=sharded,
-                  mixed_precision=mixed_precision)
+                  mixed_precision=mixed_precision, lora=lora, freeze=freeze)
     est = estimate_training_memory(config, seq_len, cp=cp, dp=dp, **kwargs)
     msg = (f"[sh2] memory estimate (sh2.training.memory): {est.total:.1f} GiB per GPU of {gpu_gib:.0f} GiB "
            f"(states {est.states:.1f}, activations {est.activations + est.logits:.1f}, gathered block "
@@ -183,16 +214,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-optimizer", action="store_true")
     ap.add_argument("--fp32-weights", action="store_true", help="no FSDP2 bf16 mixed precision")
     ap.add_argument("--gpu-gib", type=float, default=79.2, help="GPU memory (H100 80GB: 79.2; H200: 139.8)")
+    ap.add_argument("--lora-rank", type=int, default=None, help="a LoRA finetune with adapters of this rank")
+    ap.add_argument("--lora-targets", nargs="+", default=None, help="LoRA target layers (default: every projection "
+                    "and MLP linear)")
+    ap.add_argument("--freeze", nargs="*", default=None, help="frozen parameter groups (model.freeze; with LoRA "
+                    "default: base)")
     args = ap.parse_args(argv)
     config = SH2Config.from_name(args.preset)
     if args.layers:
         ops = config.operators
         config = SH2Config.from_name(args.preset, num_layers=args.layers,
                                      layout=[ops[i % len(ops)] for i in range(args.layers)])
+    lora = None
+    if args.lora_rank is not None or args.lora_targets is not None:
+        lora = LoRAConfig(rank=args.lora_rank or LoRAConfig().rank,
+                          targets=tuple(args.lora_targets) if args.lora_targets else None)
+    counts = parameter_counts(config, lora, args.freeze)
     print(f"{args.preset} ({config.num_layers} layers, D = {config.hidden_size}), dp = {args.dp}, batch "
           f"{args.batch}, checkpointing {not args.no_checkpointing}, optimizer {not args.no_optimizer}, weights "
           f"{'fp32' if args.fp32_weights else 'bf16 (FSDP2 mixed precision)'}; "
           f"GiB per GPU (fits: <= 90% of {args.gpu_gib:g})")
+    if counts.trainable != counts.total:
+        what = (f"LoRA rank {lora.rank} on {', '.join(lora.targets or DEFAULT_TARGETS)}" if lora
+                else f"frozen {', '.join(args.freeze)}")
+        print(f"finetune: {what}; trainable {counts.trainable:,} of {counts.total:,} parameters")
     print(f"{'seq_len':>9} {'cp':>4} {'states':>8} {'gathered':>9} {'activ.':>8} {'logits':>7} {'total':>8}  fits")
     for seq_len in args.seq_len:
         for cp in args.cp:
@@ -200,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                 e = estimate_training_memory(config, seq_len, cp=cp, dp=args.dp, batch=args.batch,
                                              activation_checkpointing=not args.no_checkpointing,
                                              optimizer=not args.no_optimizer,
-                                             mixed_precision=None if args.fp32_weights else "bf16")
+                                             mixed_precision=None if args.fp32_weights else "bf16",
+                                             lora=lora, freeze=args.freeze)
             except ValueError as err:
                 print(f"{seq_len:>9} {cp:>4}  {err}")
                 continue

@@ -13,12 +13,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import MeanMetric
 
 from sh2.checkpoints import CheckpointError, CheckpointHint
 from sh2.models import SH2Config, SH2Model, parameter_groups
+from sh2.models.lora import LoRAConfig
 from sh2.strategies.contract import StrategyContract, strategy_contract
 from sh2.strategies.parallelize import apply_activation_checkpointing, apply_compile
+from sh2.training.finetune import AdapterCheckpoint, apply_finetuning
 
 # How to fix an init_from error, by the hint its raise site attached (in this order when there are several).
 _INIT_FROM_FIXES = {
@@ -73,6 +76,12 @@ class SH2LightningModule(L.LightningModule):
             for ``validate``, ``test`` and ``predict``; ``false`` refuses it everywhere (the finetune configs);
             ``true`` allows it everywhere (tests, smoke runs). The module itself always builds random weights
             first.
+        lora: LoRA adapters on the linear layers (``{rank, alpha, dropout, targets, save_adapters}``, see
+            :class:`~sh2.models.lora.LoRAConfig`), added after ``init_from`` is loaded; the base weights are
+            then frozen unless ``freeze`` says otherwise. None: no adapters.
+        freeze: parameter groups (``embeddings``, ``norms``, ``attention``, ``hyena_projections``,
+            ``featurizer``, ``hyena_filters``, ``mlp``; shorthands ``hyena``, ``mixers``, ``base``) or
+            parameter-name prefixes (``blocks.0``) to keep fixed (:mod:`sh2.models.freeze`).
     """
 
     def __init__(self, preset: str = "tiny", overrides: dict[str, Any] | None = None, seq_len: int = 1024,
@@ -80,9 +89,11 @@ class SH2LightningModule(L.LightningModule):
                  decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
                  activation_checkpointing: bool = False, compile: bool = False, init_from: str | None = None,
-                 init_from_trust_pickle: bool = False, allow_random_init: bool | None = None) -> None:
+                 init_from_trust_pickle: bool = False, allow_random_init: bool | None = None,
+                 lora: LoRAConfig | None = None, freeze: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lora = self._finetune_settings(lora, freeze)
         self.config = SH2Config.from_name(preset, **{"vocab_size": vocab_size, **(overrides or {})})
         if seq_len < 1:
             raise ValueError(f"model.seq_len must be >= 1, got {seq_len}")
@@ -113,6 +124,8 @@ class SH2LightningModule(L.LightningModule):
                     self.model.init_weights([unit])
         if self.hparams.init_from:
             self._load_init_from(strategy, lightning_strategy if partitioned else None)
+        if self.lora is not None or self.hparams.freeze is not None:
+            self._apply_finetuning(strategy)
         if self.hparams.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if self.hparams.compile:
@@ -147,6 +160,29 @@ class SH2LightningModule(L.LightningModule):
             fix = "; or ".join(text for hint, text in _INIT_FROM_FIXES.items() if hint in err.hints)
             raise CheckpointError(f"model.init_from={path!r}: {err}\nFix: {fix or _INIT_FROM_DEFAULT_FIX}",
                                   err.hints) from None
+
+    # ----------------------------------------------------------------- finetuning (sh2/training/finetune.py)
+    def _finetune_settings(self, lora: LoRAConfig | dict[str, Any] | None, freeze: list[str] | None
+                           ) -> LoRAConfig | None:
+        """Validate ``lora`` and ``freeze``; the hyper-parameters keep ``lora`` as plain values, so a checkpoint
+        loads without unpickling sh2 classes."""
+        if freeze is not None and (isinstance(freeze, str) or not all(isinstance(g, str) for g in freeze)):
+            raise ValueError(f"model.freeze must be a list of parameter groups or name prefixes, got {freeze!r}")
+        config = LoRAConfig.coerce(lora)
+        self.hparams["lora"] = config.to_dict() if config is not None else None
+        return config
+
+    def _apply_finetuning(self, strategy: StrategyContract) -> None:
+        if strategy.builds_partitioned_model:
+            raise ValueError("model.lora and model.freeze are not supported with DeepSpeed ZeRO-3 (its partitioned "
+                             "parameters cannot be wrapped or frozen after the build); use the sh2_cp strategy "
+                             "(FSDP2) or sh2_deepspeed_stage_2")
+        summary = apply_finetuning(self.model, self.lora, self.hparams.freeze)
+        rank_zero_info(summary.describe(self.lora))
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """With ``lora.save_adapters``: an :class:`~sh2.training.finetune.AdapterCheckpoint`."""
+        return [AdapterCheckpoint(self.lora)] if self.lora is not None and self.lora.save_adapters else []
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids)

@@ -19,6 +19,7 @@ from typing import Any
 
 from sh2.checkpoints.files import CheckpointError, is_distributed_checkpoint, load_file
 from sh2.models.config import SH2Config
+from sh2.models.lora import LoRAConfig
 
 OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "decay_steps", "weight_decay", "betas", "eps",
                       "grad_clip")
@@ -156,6 +157,36 @@ def data_conflicts(saved: Mapping[str, Any], data: Mapping[str, Any]) -> list[st
     return lines
 
 
+def _lora_layout(value: Any) -> dict[str, Any] | None:
+    """The LoRA settings that shape the adapters' tensors and their effect (dropout and saving are free)."""
+    try:
+        config = LoRAConfig.coerce(value)
+    except (TypeError, ValueError):
+        return {"unreadable": value}
+    if config is None:
+        return None
+    return {"rank": config.rank, "alpha": float(config.alpha),
+            "targets": sorted(config.targets) if config.targets is not None else None}
+
+
+def finetune_conflicts(saved: Mapping[str, Any], model: Mapping[str, Any], fitting: bool) -> list[str]:
+    """Lines naming how this run's ``model.lora`` (and, for ``fit``, ``model.freeze``) differ from the checkpoint's.
+
+    The adapters are tensors of the checkpoint (``...lora_A``/``...lora_B``), so a run that adds, drops or reshapes
+    them cannot load it; the frozen set decides which parameters the saved optimizer state belongs to.
+    """
+    if "preset" not in saved:
+        return []
+    lines = []
+    before, now = _lora_layout(saved.get("lora")), _lora_layout(model.get("lora"))
+    if before != now:
+        lines.append(f"model.lora: checkpoint {before!r}, this run {now!r}")
+    freeze_before, freeze_now = saved.get("freeze"), model.get("freeze")
+    if fitting and sorted(freeze_before or []) != sorted(freeze_now or []):
+        lines.append(f"model.freeze: checkpoint {freeze_before!r}, this run {freeze_now!r}")
+    return lines
+
+
 def resume_conflicts(info: CheckpointInfo, model: Mapping[str, Any], data: Mapping[str, Any], vocab_size: int,
                      fitting: bool) -> list[str]:
     """Every setting of this run that conflicts with the checkpoint, one line each.
@@ -164,6 +195,7 @@ def resume_conflicts(info: CheckpointInfo, model: Mapping[str, Any], data: Mappi
     tokens); ``validate``, ``test`` and ``predict`` only need the architecture.
     """
     lines = architecture_conflicts(info.hyper_parameters, model, vocab_size)
+    lines += finetune_conflicts(info.hyper_parameters, model, fitting)
     if fitting:
         saved_len = info.hyper_parameters.get("seq_len")
         if saved_len is not None and "seq_len" in data and not _same(saved_len, data["seq_len"]) and \

@@ -186,6 +186,7 @@ def test_sh2_clips_with_model_grad_clip_and_hands_it_to_the_trainer():
     ("validate", "tiny.yaml", "sh2 validate has no weights"),
     ("test", "tiny.yaml", "sh2 test has no weights"),
     ("fit", "finetune.yaml", "model.init_from is not set, and this config sets model.allow_random_init: false"),
+    ("fit", "finetune_lora.yaml", "model.init_from is not set, and this config sets model.allow_random_init: false"),
 ])
 def test_commands_that_need_weights_refuse_to_run_without_them(tmp_path, monkeypatch, capsys, command, config,
                                                               needle):

@@ -109,3 +109,33 @@ def test_module_reports_for_its_strategy():
     msg, over = MemoryReport.report(module, strategy, 79.2)
     expected = estimate_training_memory(module.config, 1048576, cp=16, dp=1).total
     assert f"{expected:.1f} GiB per GPU" in msg and not over
+
+
+def test_a_lora_finetune_keeps_optimizer_state_and_fp32_gradients_for_the_adapters_only(capsys):
+    from sh2.models.lora import LoRAConfig
+
+    config = SH2Config.from_name("evo2_7b_8k")
+    lora = LoRAConfig(rank=8)
+    full = estimate_training_memory(config, 8192, cp=1, dp=4)
+    tuned = estimate_training_memory(config, 8192, cp=1, dp=4, lora=lora)
+    # the adapters of every projection and MLP linear, counted from the shapes: r (in + out) per layer
+    D, F, L, heads = 4096, 11008, 32, 32
+    attention = 5  # layers 3, 10, 17, 24, 31
+    hd = D // heads
+    per_block_mlp = 8 * (D + F) * 3
+    hyena = 8 * (D + 3 * D) + 8 * (D + D)
+    attn = 8 * (D + 3 * heads * hd) + 8 * (D + D)
+    adapters = L * per_block_mlp + (L - attention) * hyena + attention * attn
+    total = 6_481_649_408 + adapters
+    gib = 2 ** 30
+    assert tuned.states == pytest.approx((adapters * 16 + (total - adapters) * 4) / 4 / gib, rel=1e-12)
+    assert full.states == pytest.approx(6_481_649_408 * 16 / 4 / gib, rel=1e-12)
+    # a block's bf16 weights are gathered twice (current and prefetched), 2 * 2 bytes per parameter; fp32
+    # gradients (4 bytes) only for its adapters. The largest block (an LI block) has hyena + MLP adapters.
+    block = full.gathered * gib / (2 * 2 + 4)
+    block_adapters = per_block_mlp + hyena
+    assert tuned.gathered == pytest.approx(((block + block_adapters) * 2 * 2 + block_adapters * 4) / gib, rel=1e-12)
+    assert tuned.activations == full.activations and tuned.logits == full.logits
+    main(["--preset", "evo2_7b_8k", "--seq-len", "8192", "--cp", "1", "--lora-rank", "8", "--gpu-gib", "139.8"])
+    out = capsys.readouterr().out
+    assert f"finetune: LoRA rank 8 on in_proj, out_proj, qkv, w1, w2, w3; trainable {adapters:,} of {total:,}" in out

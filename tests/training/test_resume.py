@@ -11,6 +11,7 @@ from sh2.training.module import warmup_cosine
 from sh2.training.resume import (
     architecture_conflicts,
     data_conflicts,
+    finetune_conflicts,
     optimizer_changes,
     read_checkpoint_info,
     resume_conflicts,
@@ -104,6 +105,21 @@ def test_conflicts_for_fit_include_the_data_layout_and_only_the_architecture_oth
     assert data_conflicts({"num_workers": 0}, {"num_workers": 1}) == []  # both one stream slot
     assert data_conflicts({"num_workers": 2}, {"num_workers": 4}) == [
         "data.num_workers: checkpoint 2, this run 4 (each worker reads its own part of the stream)"]
+
+
+def test_lora_and_freeze_that_differ_from_the_checkpoint_are_conflicts():
+    saved = {"preset": "tiny", "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["w1", "qkv"],
+                                        "save_adapters": True}, "freeze": ["embeddings"]}
+    same = {"lora": {"rank": 8, "alpha": 16, "dropout": 0.1, "targets": ["qkv", "w1"], "save_adapters": False},
+            "freeze": ["embeddings"]}
+    assert finetune_conflicts(saved, same, fitting=True) == []  # dropout and saving do not shape the adapters
+    assert finetune_conflicts(saved, {**same, "lora": None}, fitting=False) == [
+        "model.lora: checkpoint {'rank': 8, 'alpha': 16.0, 'targets': ['qkv', 'w1']}, this run None"]
+    assert finetune_conflicts(saved, {**same, "lora": {"rank": 4}}, fitting=False)[0].startswith(
+        "model.lora: checkpoint {'rank': 8")
+    assert finetune_conflicts(saved, {**same, "freeze": None}, fitting=True) == [
+        "model.freeze: checkpoint ['embeddings'], this run None"]
+    assert finetune_conflicts(saved, {**same, "freeze": None}, fitting=False) == []  # no optimizer state to load
 
 
 def test_optimizer_changes_compare_values_not_spellings():
