@@ -1,4 +1,4 @@
-"""EOD packing into fixed windows, reverse-complement augmentation and a seeded shuffle buffer (SPEC 4.2).
+"""EOD packing into fixed windows, reverse-complement augmentation and a seeded shuffle buffer (docs/design.md, "Packing").
 
 The token stream of one data slot (a data-parallel rank and DataLoader worker pair) is
 
