@@ -1,4 +1,5 @@
-"""EOD packing into fixed windows, reverse-complement augmentation and a seeded shuffle buffer (docs/design.md, "Packing").
+"""EOD packing into fixed windows, reverse-complement augmentation and a seeded shuffle buffer
+(docs/design.md, "Packing").
 
 The token stream of one data slot (a data-parallel rank and DataLoader worker pair) is
 
