@@ -16,6 +16,8 @@
 #   fitcp     (2 x 330) configs/evo2_7b_128k_cp.yaml at the 7B width, CP_LAYOUT layers (default SDH*), 128K tokens,
 #                   CP = NGPU (the GPUs torch sees), CP_STEPS steps (default 8), compile off and on
 #   sweepcp   (330 each) the same with compile on and data.batch_size in SWEEP_CP (default "2")
+#   lora7b    (2 x 270) configs/finetune_lora_evo2_7b.yaml on random 7B weights (no hub here) and the built-in
+#                   data, STEPS steps: the LoRA finetune, then the same run as a full finetune (lora and freeze off)
 #   fsdp2 deepspeed single  (240) the 1B config with FSDP2 / DeepSpeed ZeRO-2 / Lightning's single device,
 #                   STEPS steps, validation on 2 batches at the end
 #   cpcheck   (150) the CP operators' code paths on CUDA in a 1-rank NCCL group (bench/cp_check.py)
@@ -37,7 +39,7 @@ PARTS=$*
 [ -n "$PARTS" ] || usage
 for part in $PARTS; do
   case $part in
-    smoke|tests|ops|e2e|e2e_long|fit1b|sweep1b|fitcp|sweepcp|fsdp2|deepspeed|single|cpcheck|generate|layers) ;;
+    smoke|tests|ops|e2e|e2e_long|fit1b|lora7b|sweep1b|fitcp|sweepcp|fsdp2|deepspeed|single|cpcheck|generate|layers) ;;
     *) echo "unknown part '$part'"; usage ;;
   esac
 done
@@ -112,6 +114,10 @@ fitcp() {  # fitcp NAME on|off EXTRA...
   if [ "$c" = on ] && [ "$HAS_COMPILE" != 1 ]; then echo "=== $name: skipped (no model.compile)"; return; fi
   step "$name" 330 "${FITCP[@]}" $(compile_arg "$c") "$@" "$(probe "$name" "$SKIPCP")"
 }
+LORA7B=(python3 -m sh2 fit --config configs/finetune_lora_evo2_7b.yaml --model.init_from null
+        --model.allow_random_init true --data.path null --trainer.max_steps "$STEPS" --data.num_workers 1
+        --data.val_fraction 0 --trainer.limit_val_batches 0 --trainer.logger false --trainer.enable_progress_bar false
+        --checkpoint.save_last false --checkpoint.save_top_k 0 --checkpoint.monitor null)
 SWEEP_COMPILE=$([ "$HAS_COMPILE" = 1 ] && echo on || echo off)
 
 for part in $PARTS; do
@@ -130,6 +136,8 @@ for part in $PARTS; do
     fitcp) fitcp "7b_cp${NGPU}_eager" off; fitcp "7b_cp${NGPU}_compiled" on ;;
     sweepcp) for b in ${SWEEP_CP:-2}; do
                fitcp "7b_cp${NGPU}_${SWEEP_COMPILE}_b$b" "$SWEEP_COMPILE" --data.batch_size "$b"; done ;;
+    lora7b) step fit_7b_lora 270 "${LORA7B[@]}" "$(probe 7b_lora "$SKIP1B")"
+            step fit_7b_full 270 "${LORA7B[@]}" --model.lora null --model.freeze null "$(probe 7b_full "$SKIP1B")" ;;
     fsdp2) step fit_1b_fsdp2 240 "${FIT1B_VAL[@]}" "$(probe 1b_fsdp2 "$SKIP1B")" ;;
     deepspeed) step fit_1b_deepspeed2 240 "${FIT1B_VAL[@]}" --trainer.strategy sh2_deepspeed_stage_2 \
                  "$(probe 1b_deepspeed2 "$SKIP1B")" ;;

@@ -36,6 +36,8 @@ def test_every_config_file_parses(path):
     model = cli.config["model"]
     SH2Config.from_name(model["preset"], **(model["overrides"] or {}))  # the model section is a valid model
     assert cli.config["data"]["seq_len"] >= 2
+    # GPU configs compile their blocks (measured faster, docs/benchmarks.md); the CPU configs stay eager
+    assert model["compile"] == (cli.config["trainer"]["accelerator"] == "gpu"), "model.compile"
 
 
 def test_configs_exist():
