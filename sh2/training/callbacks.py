@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from tqdm import tqdm
 
 from sh2.data.datamodule import SH2DataModule
 from sh2.strategies.contract import strategy_contract
@@ -23,6 +25,13 @@ from sh2.training.flops import measure_bf16_peak_flops, model_flops_per_token
 from sh2.training.module import SH2LightningModule
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+\.ckpt)\.tmp-(?P<pid>\d+)$")
+
+
+def say(msg: str) -> None:
+    """Print a report line to stdout on a line of its own: ``tqdm.write`` lifts the progress bars drawn on the
+    terminal out of the way (a plain ``print`` lands in the middle of a bar's line) and draws them again."""
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def temporary_checkpoint_path(path: Path) -> Path:
@@ -114,7 +123,7 @@ class ValidationReport(L.Callback):
         if self._entropy is not None:
             verdict = "below" if float(loss) < self._entropy else "not below"
             msg += f", unigram entropy of validation bases {self._entropy:.4f} nats/token ({verdict})"
-        print(msg, flush=True)
+        say(msg)
 
 
 class ThroughputReport(L.Callback):
@@ -202,7 +211,7 @@ class ThroughputReport(L.Callback):
                     f"{self._peak_flops / 1e12:.0f} TFLOP/s per device)")
         if pl_module.device.type == "cuda":
             msg += f", peak memory {torch.cuda.max_memory_allocated(pl_module.device) / 2**30:.1f} GiB"
-        print(msg, flush=True)
+        say(msg)
 
 
 class MemoryReport(L.Callback):
@@ -222,12 +231,12 @@ class MemoryReport(L.Callback):
         try:
             msg, over = self.report(pl_module, trainer.strategy, gpu_gib, batch)
         except Exception as err:  # a diagnostic: never the reason a run stops
-            print(f"[sh2] memory estimate unavailable ({type(err).__name__}: {err})", flush=True)
+            say(f"[sh2] memory estimate unavailable ({type(err).__name__}: {err})")
             return
         if over:
             rank_zero_warn(msg)
         else:
-            print(msg, flush=True)
+            say(msg)
 
     @staticmethod
     def report(module: SH2LightningModule, strategy: Any, gpu_gib: float, micro_batch_size: int = 1
