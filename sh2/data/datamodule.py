@@ -213,9 +213,10 @@ class SH2DataModule(LightningDataModule):
         val_batches: At most this many validation batches (None: every held-out window).
         val_split: How validation is held out of ``path``: auto, records or within_records. ``records``: whole
             records chosen by a hash of their content (about ``val_fraction`` of them). ``within_records``: the
-            last ``val_fraction`` of every record's tokens, in whole windows of ``seq_len + 1`` that never overlap the record's training
-            part, for one genome or a few long records. ``auto``: ``records`` when the source has at least
-            ``2 / val_fraction`` records (two expected in validation), else ``within_records`` (with a notice).
+            last ``val_fraction`` of every record's tokens, in whole windows of ``seq_len + 1`` that never overlap
+            the record's training part, for one genome or a few long records. ``auto``: ``records`` when the
+            source has at least ``2 / val_fraction`` records (two expected in validation), else
+            ``within_records`` (with a notice).
         val_path: Separate validation files (or a hub dataset, read with its ``validation`` split), read like
             ``path`` with the same format settings; every document of ``path`` then trains, and
             ``val_fraction`` and ``val_split`` are not used.
