@@ -70,7 +70,8 @@ class SH2Model(nn.Module):
         Sharded strategies that must gather parameters to initialise them (DeepSpeed ZeRO-3) do it one unit
         at a time, so that no GPU ever holds more than one block in full.
         """
-        # embedding and LM head first, as init_weights() has always drawn them: same weights for a seed either way
+        # the order init_weights() draws in (embedding and LM head first): a seed gives the same weights whether
+        # the model is initialised whole or unit by unit
         return [self.embedding, *([self.lm_head] if self.lm_head is not None else []), *self.blocks, self.norm]
 
     @torch.no_grad()

@@ -263,7 +263,7 @@ def test_fp8_trained_releases_warn(tmp_path, caplog):
 
 def test_sharded_lightning_checkpoint_folder_of_fsdp2_and_cp_runs(tmp_path):
     # The context-parallel strategy (and Lightning's FSDP2) save *.ckpt as a torch.distributed.checkpoint
-    # folder; init_from / sh2 predict used to refuse it ("expected one checkpoint file in the directory").
+    # folder; init_from and sh2 predict must read such a folder as one checkpoint.
     import torch.distributed.checkpoint as dcp
 
     config = SH2Config.from_name("tiny", num_layers=4, layout="SDH*")

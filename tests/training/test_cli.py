@@ -143,8 +143,8 @@ def _tiny_weights(path: Path, **overrides) -> Path:
 
 
 def test_predict_without_a_logger_leaves_config_yaml_in_the_working_directory_alone(tmp_path):
-    # configs/predict.yaml has no logger: Lightning's log_dir is then the working directory, where the
-    # resolved config used to be written over the user's own config.yaml.
+    # configs/predict.yaml has no logger: Lightning's log_dir is then the working directory, where writing the
+    # resolved config would replace the user's own config.yaml.
     weights = _tiny_weights(tmp_path / "tiny.pt")
     mine = tmp_path / "config.yaml"
     mine.write_text("# my own config\nmodel: {preset: tiny}\n")

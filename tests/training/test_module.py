@@ -120,7 +120,7 @@ def test_validation_logs_loss_perplexity_bits(tmp_path):
 
 
 def test_test_subcommand_reports_the_validation_loss_as_test_metrics(tmp_path):
-    # `sh2 test` (README: fit, validate, test, predict) used to stop with "No `test_step()` method defined".
+    # `sh2 test` (README: fit, validate, test, predict) needs a test_step; it reports the validation metrics.
     module, data = make_module(), make_data()
     trainer = make_trainer(tmp_path, 0, limit_val_batches=2, limit_test_batches=2)
     val = trainer.validate(module, data, verbose=False)[0]
