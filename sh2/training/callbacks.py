@@ -24,7 +24,8 @@ from sh2.strategies.contract import strategy_contract
 from sh2.training.flops import measure_bf16_peak_flops, model_flops_per_token
 from sh2.training.module import SH2LightningModule
 
-_TEMPORARY = re.compile(r"^\.(?P<name>.+\.ckpt)\.tmp-(?P<pid>\d+)$")
+# checkpoints (AtomicCheckpointIO) and adapter files (sh2.checkpoints.adapters) are staged under these names
+_TEMPORARY = re.compile(r"^\.(?P<name>.+\.(ckpt|safetensors))\.tmp-(?P<pid>\d+)$")
 
 
 def say(msg: str) -> None:
@@ -52,7 +53,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary checkpoint files that a killed save left in ``folder`` and return them.
+    """Delete the temporary checkpoint and adapter files that a killed save left in ``folder`` and return them.
 
     Only files named as :func:`temporary_checkpoint_path` names them whose process is gone are removed, so a
     save in progress in another live process on this machine is never touched.

@@ -3,6 +3,7 @@ built and then changed from outside in a fixed order, and init_from errors that 
 
 import argparse
 import math
+import os
 from types import SimpleNamespace
 
 import lightning as L
@@ -13,7 +14,7 @@ from conftest import LossRecorder, make_data, make_module, make_trainer
 from sh2.checkpoints import CheckpointError, CheckpointHint
 from sh2.models import SH2Config
 from sh2.strategies.contract import LightningStrategyAdapter
-from sh2.training.callbacks import AtomicCheckpointIO, ThroughputReport
+from sh2.training.callbacks import AtomicCheckpointIO, ThroughputReport, remove_stale_temporaries
 from sh2.training.flops import fft_conv_flops_per_token, flops_breakdown, model_flops_per_token
 from sh2.training.module import SH2LightningModule, warmup_cosine
 
@@ -108,6 +109,17 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path, monkey
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_and_live_ones_kept(tmp_path):
+    gone = 2**22 + 17  # above the default pid_max: no live process has this id
+    stale = [tmp_path / f".last.ckpt.tmp-{gone}", tmp_path / f".adapters.safetensors.tmp-{gone}"]
+    kept = [tmp_path / f".last.ckpt.tmp-{os.getppid()}",  # a save in progress in a live process
+            tmp_path / "last.ckpt", tmp_path / f".notes.txt.tmp-{gone}"]  # not a file sh2 stages
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
 
 
 def test_validation_logs_loss_perplexity_bits(tmp_path):
