@@ -51,6 +51,7 @@ from sh2.inference.predict import PredictDataModule, PredictionWriter
 from sh2.strategies.cp_ops import MOVED_STRATEGY_KEYS, moved_strategy_key_message
 from sh2.training.callbacks import (
     AtomicCheckpointIO,
+    LastCheckpoint,
     MemoryReport,
     ThroughputReport,
     ValidationReport,
@@ -224,7 +225,7 @@ class SH2CLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len")
         parser.link_arguments("data", "model.vocab_size", compute_fn=lambda data: data.vocab_size,
                               apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1,
                              "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
                              "checkpoint.filename": "step{step:07d}-val{val/loss:.4f}",

@@ -31,6 +31,13 @@ _TRAINER = {
     "accumulate_grad_batches": "micro-batches per optimizer step",
     "enable_progress_bar": "show the progress bar",
 }
+# the checkpoint settings on the short page, with what they do in sh2 (sh2.training.callbacks.LastCheckpoint)
+_CHECKPOINT = {
+    "dirpath": "folder of the checkpoints (default: the run folder's checkpoints/)",
+    "every_n_train_steps": "also save every N optimizer steps",
+    "save_top_k": "keep the k best step*.ckpt files by checkpoint.monitor (val/loss)",
+    "save_last": "keep last.ckpt, the newest state (rewritten at every validation, periodic save and the end)",
+}
 _TRAINER_BY_COMMAND = {
     "fit": ["accelerator", "devices", "num_nodes", "precision", "strategy", "max_steps", "val_check_interval",
             "limit_val_batches", "log_every_n_steps", "accumulate_grad_batches", "enable_progress_bar"],
@@ -109,7 +116,8 @@ def short_help(parser: Any, subcommand: str) -> str:
                 pass
         return actions[dest].default
 
-    def options(prefix: str, names: tuple[str, ...] | None = None) -> list[str]:
+    def options(prefix: str, names: tuple[str, ...] | None = None, own: dict[str, str] | None = None
+                ) -> list[str]:
         lines = []
         for dest, action in actions.items():
             if not dest.startswith(prefix + ".") or dest.count(".") != 1 or not action.option_strings:
@@ -117,8 +125,8 @@ def short_help(parser: Any, subcommand: str) -> str:
             name = dest.split(".", 1)[1]
             if (names is not None and name not in names) or type(action).__name__ == "ActionLink":
                 continue
-            text = _first_sentence(action.help or "") + _default(default_of(dest))
-            lines += _line(f"--{dest} {_metavar(action)}", text)
+            text = (own or {}).get(name) or _first_sentence(action.help or "")
+            lines += _line(f"--{dest} {_metavar(action)}", text + _default(default_of(dest)))
         return lines
 
     out = [f"usage: sh2 {subcommand} [--config FILE] [--SECTION.SETTING VALUE ...]", "", parser.description or "",
@@ -139,8 +147,7 @@ def short_help(parser: Any, subcommand: str) -> str:
     else:
         sections.append(("Data (data.*)", options("data")))
     if subcommand == "fit":
-        sections.append(("Checkpoints (checkpoint.*, a ModelCheckpoint)",
-                         options("checkpoint", ("dirpath", "every_n_train_steps", "save_top_k", "save_last"))))
+        sections.append(("Checkpoints (checkpoint.*)", options("checkpoint", tuple(_CHECKPOINT), _CHECKPOINT)))
     trainer = []
     for name in _TRAINER_BY_COMMAND[subcommand]:
         if f"trainer.{name}" in actions:

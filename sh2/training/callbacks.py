@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from tqdm import tqdm
 
@@ -95,6 +96,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` (the ``checkpoint.*`` settings) whose ``last.ckpt`` always holds the newest state.
+
+    Lightning writes ``last.ckpt`` only at a step where it also writes a top-k checkpoint (or on a period), so a
+    validation that does not improve the monitored loss, or the end of training, leaves ``last.ckpt`` at an
+    older step and a resume repeats the steps since. With ``save_last`` this callback also writes it after every
+    validation and when training ends, unless this step is already saved.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        # skips sanity checks, other commands than fit, and a step that was saved already
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ValidationReport(L.Callback):

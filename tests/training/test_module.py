@@ -14,7 +14,12 @@ from conftest import LossRecorder, make_data, make_module, make_trainer
 from sh2.checkpoints import CheckpointError, CheckpointHint
 from sh2.models import SH2Config
 from sh2.strategies.contract import LightningStrategyAdapter
-from sh2.training.callbacks import AtomicCheckpointIO, ThroughputReport, remove_stale_temporaries
+from sh2.training.callbacks import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    ThroughputReport,
+    remove_stale_temporaries,
+)
 from sh2.training.flops import fft_conv_flops_per_token, flops_breakdown, model_flops_per_token
 from sh2.training.module import SH2LightningModule, warmup_cosine
 
@@ -120,6 +125,25 @@ def test_stale_temporaries_of_killed_saves_are_removed_and_live_ones_kept(tmp_pa
         path.write_bytes(b"x")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+class _FlatScore(L.Callback):
+    """Logs a monitored score that never improves after the first validation."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("flat", 1.0)
+
+
+def test_last_checkpoint_holds_the_newest_step_when_validation_does_not_improve(tmp_path):
+    folder = tmp_path / "ckpt"
+    checkpoint = LastCheckpoint(dirpath=folder, monitor="flat", mode="min", save_top_k=1, save_last=True,
+                                filename="step{step}", auto_insert_metric_name=False)
+    trainer = make_trainer(tmp_path, 5, callbacks=[_FlatScore(), checkpoint], enable_checkpointing=True,
+                           limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None)
+    trainer.fit(make_module(), make_data())
+    # top-k kept step 2 (step 4 did not improve); last.ckpt followed to step 4, then to the end of training
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step2.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 5
 
 
 def test_validation_logs_loss_perplexity_bits(tmp_path):
