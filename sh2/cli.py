@@ -247,6 +247,7 @@ class SH2CLI(LightningCLI):
         _refuse_duplicate_settings(cfg)
         if subcommand is None:
             return
+        _batch_limits_as_counts(cfg)
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path and str(ckpt_path) not in _CKPT_KEYWORDS:
             self.checkpoint_info = _checked_checkpoint(str(ckpt_path), subcommand, cfg)
@@ -361,6 +362,19 @@ def _refuse_random_weights(subcommand: str, allow: bool | None) -> None:
                      f"Face repo id), or --model.allow_random_init true to run with random weights on purpose")
 
 
+_BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _batch_limits_as_counts(cfg: Any) -> None:
+    """Whole numbers in ``trainer.limit_*_batches`` are batch counts, as sh2's help says: the parser reads
+    ``--trainer.limit_val_batches 1`` as ``1.0``, which Lightning takes for 100% of the batches."""
+    trainer = cfg.get("trainer")
+    for key in _BATCH_LIMITS:
+        value = trainer.get(key) if trainer is not None else None
+        if isinstance(value, float) and value.is_integer() and value >= 1:
+            trainer[key] = int(value)
+
+
 def _checked_checkpoint(ckpt_path: str, subcommand: str, cfg: Any) -> CheckpointInfo:
     """Read ``--ckpt_path``'s saved settings and refuse conflicting ones, naming the file (before Lightning does)."""
     trust = cfg.get("weights_only") is False
@@ -374,6 +388,13 @@ def _checked_checkpoint(ckpt_path: str, subcommand: str, cfg: Any) -> Checkpoint
         raise CheckpointError(f"--ckpt_path {ckpt_path} holds weights only (no optimizer or loop state: saved with "
                               f"checkpoint.save_weights_only?), so the run cannot be resumed. Start a new run from "
                               f"its weights with --model.init_from {ckpt_path}")
+    max_steps = cfg["trainer"].get("max_steps") if cfg.get("trainer") is not None else None
+    if subcommand == "fit" and info.global_step is not None and max_steps is not None and 0 <= max_steps <= \
+            info.global_step:
+        raise ValueError(f"--ckpt_path {ckpt_path} is at step {info.global_step}, and trainer.max_steps={max_steps}: "
+                         f"the run is finished, there is nothing to resume.\nFix: raise --trainer.max_steps above "
+                         f"{info.global_step} to train on (the cosine decay then follows the new max_steps unless "
+                         f"model.decay_steps is set)")
     model, data = cfg["model"].as_dict(), cfg["data"].as_dict() if cfg.get("data") else {}
     conflicts = resume_conflicts(info, model, data, VOCAB_SIZE, fitting=subcommand == "fit")
     if conflicts:

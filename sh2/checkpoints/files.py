@@ -94,6 +94,17 @@ def _check_zip(path: Path, origin: str) -> None:
                               f"and compare its size with the published one") from None
 
 
+def give_default_permissions(path: str | os.PathLike) -> None:
+    """Set ``path``'s mode to what ``open`` would have given it under the process umask (usually ``rw-r--r--``).
+
+    Writers that stage a file through ``tempfile.mkstemp`` or ``safetensors.torch.save_file`` leave it
+    ``rw-------``; exported weights and FASTA indexes are meant to be shared on a cluster like any other file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def assemble_shards(path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
     """Concatenate ``PATH.part0 .. PATH.partN`` into one file and return its path.
 

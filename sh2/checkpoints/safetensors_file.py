@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from sh2.checkpoints.files import CheckpointError
+from sh2.checkpoints.files import CheckpointError, give_default_permissions
 from sh2.models.config import SH2Config
 
 __all__ = ["is_safetensors_checkpoint", "read_safetensors", "save_safetensors", "CONFIG_KEY"]
@@ -131,4 +131,5 @@ def save_safetensors(state: Mapping[str, torch.Tensor] | torch.nn.Module, config
         (path / FOLDER_CONFIG).write_text(json.dumps({"model_type": "sh2", **values}, indent=2) + "\n")
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(file), metadata={"format": "pt", CONFIG_KEY: json.dumps(values)})
+    give_default_permissions(file)
     return file

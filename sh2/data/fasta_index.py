@@ -129,6 +129,9 @@ def write_fai(entries: list[FaiEntry], path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        umask = os.umask(0)  # mkstemp makes the file private; an index is shared like its FASTA (as samtools')
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -97,8 +97,13 @@ class SH2LightningModule(L.LightningModule):
         self.config = SH2Config.from_name(preset, **{"vocab_size": vocab_size, **(overrides or {})})
         if seq_len < 1:
             raise ValueError(f"model.seq_len must be >= 1, got {seq_len}")
-        if lr <= 0 or not 0 <= min_lr_ratio <= 1 or warmup_steps < 0:
-            raise ValueError("model.lr must be > 0, model.min_lr_ratio in [0, 1], model.warmup_steps >= 0")
+        problems = [f"model.lr must be > 0, got {lr}"] if lr <= 0 else []
+        if not 0 <= min_lr_ratio <= 1:
+            problems.append(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0:
+            problems.append(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.model: SH2Model | None = None
         self.val_loss = MeanMetric()
         self.checkpoint_step: int | None = None  # set when weights come from a Lightning checkpoint

@@ -4,6 +4,7 @@ state dict and logits, the export command for every source format, and clear err
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,6 +72,9 @@ def test_safetensors_file_is_plain_safetensors_with_the_config_in_its_metadata(t
         assert SH2Config.from_dict(json.loads(f.metadata()["sh2_config"])) == model.config
         assert set(f.keys()) == set(model.state_dict())
     assert read_safetensors(tmp_path / "m.safetensors")["config"] == model.config.to_dict()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not the writer's rw-------
 
 
 def test_bfloat16_export_keeps_the_li_filters_in_float32(tmp_path):

@@ -41,6 +41,9 @@ def test_index_matches_samtools_format_and_every_range_reads_back(tmp_path):
     fasta = write_fasta(tmp_path / "ref.fa")
     ref = IndexedFasta(fasta)
     assert (tmp_path / "ref.fa.fai").read_text() == expected_fai(fasta)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ref.fa.fai").stat().st_mode & 0o777 == 0o666 & ~umask  # shared like its FASTA
     assert ref.names == list(RECORDS) and ref.length("chr2") == len(RECORDS["chr2"])
     for name, seq in RECORDS.items():  # every range, including empty ones and line boundaries
         for start in range(len(seq) + 1):

@@ -104,6 +104,8 @@ def test_separate_validation_files(tmp_path):
     with pytest.raises(ValueError, match=r"data.val_path=.*tiny_val.fa' hold 11 tokens in 1 documents, fewer than "
                                          r"one window of data.seq_len \+ 1 = 33 tokens. Lower data.seq_len"):
         make_dm(tmp_path / "train.fa", val_path=str(tmp_path / "tiny_val.fa")).setup("fit")
+    with pytest.raises(FileNotFoundError, match=r"^data.val_path=.*missing.fa' does not exist"):
+        make_dm(tmp_path / "train.fa", val_path=str(tmp_path / "missing.fa")).setup("fit")
     with pytest.raises(ValueError, match="data.val_path is set .* leave data.val_split at auto"):
         make_dm(tmp_path / "train.fa", val_path=str(tmp_path / "val.fa"), val_split="records")
     with pytest.raises(ValueError, match="data.val_split must be one of auto, records, within_records"):

@@ -245,6 +245,24 @@ def test_a_resume_with_another_architecture_lists_every_conflict(trained, tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_resuming_a_finished_run_is_refused_with_the_step_to_raise(trained, tmp_path, capsys):
+    code, _, err = sh2(capsys, "fit", "--config", TINY, *SMALL, "--trainer.max_steps", "2", "--ckpt_path",
+                       str(trained["ckpt"]), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))
+    assert code == 1 and "is at step 2, and trainer.max_steps=2: the run is finished" in err, err
+    assert "raise --trainer.max_steps above 2" in err and not (tmp_path / "runs").exists()
+
+
+def test_a_whole_number_batch_limit_is_a_count_of_batches(tmp_path):
+    from sh2.cli import _batch_limits_as_counts
+
+    cfg = {"trainer": {"limit_val_batches": 1.0, "limit_train_batches": 0.5, "limit_test_batches": 16.0,
+                       "limit_predict_batches": None}}
+    _batch_limits_as_counts(cfg)  # the parser reads "--trainer.limit_val_batches 1" as 1.0 (100% to Lightning)
+    assert cfg["trainer"] == {"limit_val_batches": 1, "limit_train_batches": 0.5, "limit_test_batches": 16,
+                              "limit_predict_batches": None}
+    assert isinstance(cfg["trainer"]["limit_val_batches"], int)
+
+
 def test_a_resume_applies_changed_optimizer_settings_and_says_so(trained, tmp_path, capsys):
     stale = trained["ckpt"].parent / f".last.ckpt.tmp-{2**22 + 17}"  # a save killed by a process now gone
     stale.write_bytes(b"half a checkpoint")
