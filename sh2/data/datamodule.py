@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sh2.data.holdout import (
@@ -445,6 +445,15 @@ class SH2DataModule(LightningDataModule):
                 break
         if windows and len(batches) < limit:
             batches.append(_stack(windows))
+        if not batches and self.val_split == "auto" and self.holdout.mode == "records" and not stats.held_out:
+            # enough records for whole-record validation, but the content hash chose none of them: fall back as
+            # auto does for few records (setup builds validation before the training stream, so both agree)
+            rank_zero_info(
+                f"[sh2] data.val_split=auto: none of the {stats.records} records of {self.source.description} fell "
+                f"into validation at data.val_fraction={self.val_fraction}; validation is the last "
+                f"{self.val_fraction:g} of every record instead (data.val_split: within_records)")
+            self._holdout = Holdout("within_records", self.val_fraction, self.seq_len + 1)
+            return self.val_batches_list()
         if not batches:
             raise ValueError(empty_validation_message(
                 self.holdout, stats, self.source.description, seq_len=self.seq_len, val_fraction=self.val_fraction,

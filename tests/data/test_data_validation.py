@@ -177,3 +177,23 @@ def test_a_cut_inside_a_multibyte_character_leaves_a_gap_not_an_overlap():
     cut = "A" * 7 + "é" + "C" * 6  # é is bytes 7-8: the cut after byte 8 splits it, and é leaves the head
     assert len(cut.encode()) + 1 == 16
     assert holdout.training_text(cut) == "A" * 7
+
+
+def test_auto_falls_back_to_tail_windows_when_the_hash_holds_out_no_record(tmp_path, caplog):
+    # 20 records are enough for whole-record validation at val_fraction 0.1, but choose 20 that the content
+    # hash keeps in training: auto must not stop on an empty validation set
+    rng = np.random.default_rng(5)
+    docs = []
+    while len(docs) < 20:
+        doc = rng.choice(np.frombuffer(b"ACGT", np.uint8), size=600).tobytes().decode()
+        if not is_validation_document(doc, 0.1):
+            docs.append(doc)
+    (tmp_path / "few.fa").write_text("".join(f">r{i}\n{d}\n" for i, d in enumerate(docs)))
+    dm = make_dm(tmp_path / "few.fa")
+    assert dm.holdout.mode == "records"
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert dm.holdout.mode == "within_records" and dm.val_batches_list()
+    assert "none of the 20 records" in caplog.text
+    with pytest.raises(ValueError, match="held out 0 of 20 records"):
+        make_dm(tmp_path / "few.fa", val_split="records").setup("fit")  # asked for by name: no fallback
