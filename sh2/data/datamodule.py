@@ -299,13 +299,7 @@ class SH2DataModule(LightningDataModule):
         """The documents of ``val_path`` (opened on first use)."""
         if self._val_source is None:
             args = {**self.source_args, "path": self.val_path, "data_files": None, "split": "validation"}
-            try:
-                self._val_source = load_source(**args)
-            except (FileNotFoundError, ValueError) as err:
-                if type(err) not in (FileNotFoundError, ValueError) or "data.path=" not in str(err):
-                    raise
-                # the reader names the setting it usually reads; here it read data.val_path
-                raise type(err)(str(err).replace("data.path=", "data.val_path=")) from None
+            self._val_source = load_source(**args, setting="data.val_path")
         return self._val_source
 
     @property

@@ -144,6 +144,7 @@ def load_source(
     split: str = "train",
     text_field: str = "text",
     fasta_headers: bool = False,
+    setting: str = "data.path",
 ) -> DocumentSource:
     """Opens a document stream (see the module docstring for the accepted inputs).
 
@@ -155,6 +156,8 @@ def load_source(
         split: Split of a hub dataset (local files always form the ``train`` split).
         text_field: Column holding the documents (FASTA sources always use ``text``).
         fasta_headers: Keep FASTA headers as a ``|header|`` tag prefix instead of dropping them.
+        setting: The setting ``path`` came from, named in descriptions and errors (``data.val_path`` for
+            validation files).
 
     Returns:
         The :class:`DocumentSource`.
@@ -171,33 +174,33 @@ def load_source(
         return fasta_source([str(demo)], headers=fasta_headers, description=f"the built-in demo {DEMO_FASTA}")
 
     if path is not None and (format is not None or _looks_local(path)):
-        files = resolve_files(path)
-        fmt = format or infer_format(files)
+        files = resolve_files(path, setting)
+        fmt = format or infer_format(files, setting)
         if fmt == "fasta":
-            return fasta_source(files, headers=fasta_headers, description=f"data.path={path!r}")
-        return _builder_source(fmt, files, "train", text_field, f"data.path={path!r} ({fmt})")
+            return fasta_source(files, headers=fasta_headers, description=f"{setting}={path!r}")
+        return _builder_source(fmt, files, "train", text_field, f"{setting}={path!r} ({fmt})")
 
     if path is None:  # data_files with a format (or inferable from their extensions)
         listed = data_files if isinstance(data_files, str | list) else None
-        fmt = format or (infer_format(resolve_files_list(listed)) if listed is not None else None)
+        fmt = format or (infer_format(resolve_files_list(listed), "data.data_files") if listed is not None else None)
         if fmt is None:
             raise ValueError("data.data_files given as a dict of splits needs data.format (e.g. 'json').")
         if fmt == "fasta":
             return fasta_source(resolve_files_list(listed or []), fasta_headers, f"data.data_files={data_files!r}")
         return _builder_source(fmt, data_files, split, text_field, f"data.data_files={data_files!r} ({fmt})")
 
-    description = f"hub dataset data.path={path!r}" + (f", data.name={name!r}" if name else "")
+    description = f"hub dataset {setting}={path!r}" + (f", data.name={name!r}" if name else "")
     try:
         ds = datasets.load_dataset(path, name, split=split, streaming=True, data_files=data_files)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"Could not find {description} (split {split!r}): {err}. Check data.path/data.name/data.split, "
+            f"Could not find {description} (split {split!r}): {err}. Check {setting}/data.name/data.split, "
             "or give a local file path."
         ) from err
     except ConnectionError as err:  # no network, or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set
         raise ConnectionError(
             f"Could not reach the Hugging Face Hub for {description} ({err}). Streaming a hub dataset needs "
-            "network access; on an offline machine download the files first and set data.path to the local "
+            f"network access; on an offline machine download the files first and set {setting} to the local "
             "file, directory or glob (FASTA, text, json/jsonl, csv, parquet)."
         ) from err
     return DocumentSource(ds, text_field, f"{description}, split {split!r}")
@@ -225,8 +228,9 @@ def _format_of(path: str) -> str | None:
     return BUILDER_BY_EXTENSION.get(os.path.splitext(stem)[1])
 
 
-def resolve_files(path: str) -> list[str]:
-    """Expands a local file, directory (recursively, known extensions only) or glob into sorted files.
+def resolve_files(path: str, setting: str = "data.path") -> list[str]:
+    """Expands a local file, directory (recursively, known extensions only) or glob into sorted files; errors
+    name ``setting``.
 
     Raises:
         FileNotFoundError: Nothing matches.
@@ -241,26 +245,26 @@ def resolve_files(path: str) -> list[str]:
         )
         if not found:
             raise FileNotFoundError(
-                f"data.path={path!r} is a directory without text/json/jsonl/csv/parquet/FASTA files."
+                f"{setting}={path!r} is a directory without text/json/jsonl/csv/parquet/FASTA files."
             )
         return found
     if _GLOB_CHARS & set(path):
         found = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
         if not found:
-            raise FileNotFoundError(f"data.path={path!r}: the glob matches no file.")
+            raise FileNotFoundError(f"{setting}={path!r}: the glob matches no file.")
         return found
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.path={path!r} does not exist; give an existing file, directory or glob.")
+        raise FileNotFoundError(f"{setting}={path!r} does not exist; give an existing file, directory or glob.")
     return [path]
 
 
 def resolve_files_list(files: str | list[str]) -> list[str]:
     """Resolves every entry of ``data_files`` like :func:`resolve_files` and concatenates them."""
     entries = [files] if isinstance(files, str) else list(files)
-    return [f for entry in entries for f in resolve_files(entry)]
+    return [f for entry in entries for f in resolve_files(entry, "data.data_files")]
 
 
-def infer_format(files: list[str]) -> str:
+def infer_format(files: list[str], setting: str = "data.path") -> str:
     """Infers the single format of ``files`` from their extensions, and from the content where the extension
     says text or nothing: a file whose first line is a ``>`` header is FASTA (``genome.txt``, ``reads.dna``).
 
@@ -280,7 +284,7 @@ def infer_format(files: list[str]) -> str:
             )
         formats.setdefault(fmt, f)
     if len(formats) > 1:
-        raise ValueError(f"data.path mixes formats {sorted(formats)}; point it at files of one format.")
+        raise ValueError(f"{setting} mixes formats {sorted(formats)}; point it at files of one format.")
     return next(iter(formats))
 
 
@@ -322,7 +326,7 @@ def fasta_source(files: list[str], headers: bool = False, description: str = "FA
     if not any(_fasta_has_sequence(f) for f in files):
         raise ValueError(
             f"{description}: no FASTA sequences found in {files} (a sequence is a non-empty line after a "
-            "'>' header). Check that data.path points at FASTA files, or set data.format."
+            "'>' header). Check that the files are FASTA, or set data.format."
         )
     features = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
     ds = datasets.IterableDataset.from_generator(
