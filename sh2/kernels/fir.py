@@ -52,6 +52,8 @@ class BlockedConfig:
         num_stages: software-pipelining depth of the chunk loop.
         fuse_dh: backward only: accumulate the filter gradient in the dq/dk/dv kernel instead of a
             second pass over the inputs (saves four tensor reads, costs registers).
+        channel_fast: put the channel blocks on the fast grid axis, so that programs running together read
+            neighbouring groups of the same tokens (1-3% faster on the H200 at dg = 16, docs/benchmarks.md).
     """
 
     block_t: int
@@ -60,6 +62,11 @@ class BlockedConfig:
     num_warps: int
     num_stages: int = 3
     fuse_dh: bool = False
+    channel_fast: bool = True
+
+    def grid(self, rows: int, n_cb: int) -> tuple[int, int]:
+        """Launch grid for ``rows`` (batch x segments) by ``n_cb`` channel blocks, in this config's order."""
+        return (n_cb, rows) if self.channel_fast else (rows, n_cb)
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,11 @@ def _blocked_candidates(K: int, fp32: bool, backward: bool) -> tuple[BlockedConf
     default_bt = bts[-1] if K > 32 else bts[min(len(bts) - 1, 2 if K > 16 else 1)]
     if backward:
         default_bt = bts[min(len(bts) - 1, 2)] if K <= 64 else bts[-1]
-    nw = 8 if default_bt >= 128 else 4
-    cands = [BlockedConfig(default_bt, 16, 1024 if backward else 4096, nw, 3, backward and default_bt <= 64)]
+    # H200 (docs/benchmarks.md): the forward is fastest with 4 warps and about 1K programs at every chunk
+    # length (MR at b = 128: 0.16 ms at 8K against 0.30 with 8 warps and 4K programs); the backward with
+    # 8 warps at b = 128
+    nw = 8 if backward and default_bt >= 128 else 4
+    cands = [BlockedConfig(default_bt, 16, 1024, nw, 3, backward and default_bt <= 64)]
     for bt in bts[-2:]:
         for tp in ((1024,) if backward else (1024, 4096)):
             for nw in ((8,) if backward and bt >= 128 else (4, 8) if bt >= 128 else (4,)):
@@ -174,10 +184,10 @@ def _blocked_forward(p: FIRProblem, y: torch.Tensor, cfg: BlockedConfig) -> None
     n_chunks = triton.cdiv(L, cfg.block_t)
     n_cb = D // cfg.block_c
     cpp, n_seg = split_segments(n_chunks, n_cb, cfg.target_programs)
-    _fir_blocked_fwd_kernel[(B * n_seg, n_cb)](
+    _fir_blocked_fwd_kernel[cfg.grid(B * n_seg, n_cb)](
         p.q, p.k, p.v, p.h, p.bias, y, L, dg, K, n_chunks, cpp, n_seg, *p.strides(y),
         HAS_BIAS=p.bias is not None, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PREC=dot_precision(p.q.dtype),
-        DOT_F32=interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interpreted(), CH_FAST=cfg.channel_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _direct_forward(p: FIRProblem, y: torch.Tensor, cfg: DirectConfig) -> None:
@@ -229,13 +239,14 @@ def _blocked_backward(p: FIRProblem, dy: torch.Tensor, dqkv: tuple[torch.Tensor,
     dh_part = p.new(B * n_seg, n_cb, K, dtype=torch.float32)
     fused = dh_part if cfg.fuse_dh else None
     common = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PREC=dot_precision(p.q.dtype), DOT_F32=interpreted(),
-                  num_warps=cfg.num_warps)
-    _fir_blocked_bwd_kernel[(B * n_seg, n_cb)](
+                  CH_FAST=cfg.channel_fast, num_warps=cfg.num_warps)
+    grid = cfg.grid(B * n_seg, n_cb)
+    _fir_blocked_bwd_kernel[grid](
         p.q, p.k, p.v, dy, p.h, p.bias, *dqkv, db_part, fused, L, D, dg, K, n_chunks, cpp, n_seg, n_cb,
         *p.strides(dy, dqkv[0]), HAS_BIAS=p.bias is not None, FUSE_DH=cfg.fuse_dh, num_stages=cfg.num_stages,
         **common)
     if not cfg.fuse_dh:
-        _fir_blocked_dh_kernel[(B * n_seg, n_cb)](
+        _fir_blocked_dh_kernel[grid](
             p.q, p.k, p.v, dy, dh_part, L, K, n_chunks, cpp, n_seg, n_cb, *p.strides(dy), **common)
     dh = _tuning.sum_partials(dh_part).view(G, dg // cfg.block_c, K).sum(1)
     return dh, (_tuning.sum_partials(db_part) if db_part is not None else None)

@@ -89,6 +89,20 @@ def _store_dh(m0, m1, out, K, BLOCK_T: tl.constexpr):
     tl.store(out + offs_t, tl.sum(diag, axis=0), mask=offs_t < K)
 
 
+@triton.jit
+def _program_ids(CH_FAST: tl.constexpr):
+    """``(row segment, channel block)`` of this program; CH_FAST puts the channel blocks on grid axis 0.
+
+    Programs are started in grid order, so with the channel blocks on the fast axis the programs that run
+    together read neighbouring groups of the same tokens: the 32-byte rows of one group share DRAM pages and
+    L2 lines with their neighbours' (docs/design.md, "Two-stage blocked convolution").
+    """
+    if CH_FAST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
 _SEQ_INTS = ("L", "n_chunks", "chunks_per_prog", "n_seg")
 
 
@@ -98,10 +112,9 @@ def _fir_blocked_fwd_kernel(
     L, DG, K, n_chunks, chunks_per_prog, n_seg,
     sqb, sql, skb, skl, svb, svl, syb, syl,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, CH_FAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid, pid_c = _program_ids(CH_FAST)
     b = (pid // n_seg).to(tl.int64)
     seg = pid % n_seg
     c0 = pid_c * BLOCK_C
@@ -138,10 +151,9 @@ def _fir_blocked_bwd_kernel(
     L, D, DG, K, n_chunks, chunks_per_prog, n_seg, n_cb,
     sqb, sql, skb, skl, svb, svl, sdyb, sdyl, sob, sol,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
-    DOT_F32: tl.constexpr, FUSE_DH: tl.constexpr,
+    DOT_F32: tl.constexpr, FUSE_DH: tl.constexpr, CH_FAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid, pid_c = _program_ids(CH_FAST)
     b = (pid // n_seg).to(tl.int64)
     seg = pid % n_seg
     c0 = pid_c * BLOCK_C
@@ -210,10 +222,9 @@ def _fir_blocked_dh_kernel(
     L, K, n_chunks, chunks_per_prog, n_seg, n_cb,
     sqb, sql, skb, skl, svb, svl, sdyb, sdyl,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, CH_FAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid, pid_c = _program_ids(CH_FAST)
     b = (pid // n_seg).to(tl.int64)
     seg = pid % n_seg
     c0 = pid_c * BLOCK_C

@@ -91,11 +91,13 @@ def test_fir_direct_kernel_on_grouped_shape_without_bias(device):
         BlockedConfig(32, 16, 4, 4, 3, fuse_dh=False),
         BlockedConfig(32, 16, 4, 4, 3, fuse_dh=True),
         BlockedConfig(32, 32, 2, 4, 3, fuse_dh=False),
+        BlockedConfig(32, 16, 4, 4, 3, fuse_dh=True, channel_fast=False),
+        BlockedConfig(16, 16, 8, 4, 3, fuse_dh=False, channel_fast=False),
     ],
     ids=str,
 )
 def test_fir_blocked_autotune_candidates_agree(cfg, device):
-    """Every variant the autotuner may pick (transposed, fused dh, wider channel tiles) is exact in fp32."""
+    """Every variant the autotuner may pick (fused dh, channel tiles, either grid order) is exact in fp32."""
     q, k, v, h, b = (x.detach() for x in _inputs(2, 75, 64, 2, 9, F32, device, seed=5))
     y = fir_forward(q, k, v, h, b, blocked=True, config=cfg)
     args64 = [leaf64(x) for x in (q, k, v, h, b)]
