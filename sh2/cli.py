@@ -26,6 +26,8 @@ What the command promises (tests/training/test_cli.py holds it to it):
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
 import os
 import re
@@ -110,12 +112,16 @@ class SH2ArgumentParser(LightningArgumentParser):
     _UNKNOWN = re.compile(r"--([\w.]+)|[Oo]ption '([\w.]+)'|[Kk]ey '([\w.]+)'")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # no abbreviations: argparse would take --trainer.max_step for --trainer.max_steps, and a typo that
+        # happens to be a prefix of a setting would silently set it
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.sh2_subcommand: str | None = None  # set on the parsers of fit, validate, test and predict
         self.full_help = False
 
-    def _hints(self, message: str) -> list[str]:
+    def _hints(self, message: str, parser: argparse.ArgumentParser) -> list[str]:
         names = {n for group in self._UNKNOWN.findall(message) for n in group if n}
+        known = [a.dest for a in parser._actions if "." in a.dest and not a.dest.endswith(".help")]
         hints = []
         for key in sorted(names):
             short = key.rsplit(".", 1)[-1]
@@ -125,12 +131,44 @@ class SH2ArgumentParser(LightningArgumentParser):
                 hints.append(moved_strategy_key_message(short))
             elif f"model.{short}" in REMOVED_SETTINGS and "model" in message:  # named without its section
                 hints.append(REMOVED_SETTINGS[f"model.{short}"])
+            elif known and key not in known:
+                hints.extend(self._did_you_mean(key, known, message))
         return list(dict.fromkeys(hints))
+
+    @staticmethod
+    def _did_you_mean(key: str, known: list[str], message: str) -> list[str]:
+        """``Did you mean --model.lr?`` for a mistyped setting: settings of the same section whose last part is
+        close to, or a prefix of, the one given; else such settings of any section (a key in the wrong section
+        or without one)."""
+        section, _, short = key.rpartition(".")
+
+        def close(names: list[str], cutoff: float) -> list[str]:
+            shorts: dict[str, list[str]] = {}
+            for n in names:
+                shorts.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+            hits = difflib.get_close_matches(short, list(shorts), n=3, cutoff=cutoff)
+            hits += [s for s in shorts if len(s) > 1 and (short.startswith(s) or s.startswith(short))]
+            return [n for s in dict.fromkeys(hits) for n in shorts[s]]
+
+        elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == short]  # the right name in another section
+        found = close([k for k in known if k.rpartition(".")[0] == section], 0.6) if section else []
+        found = list(dict.fromkeys(elsewhere + found)) or close(known, 0.8)
+        if not found:
+            return []
+        dash = "--" if f"--{key}" in message else ""
+        return [f"Did you mean {' or '.join(dash + c for c in found[:3])}?"]
 
     @staticmethod
     def _condense(message: str) -> str:
         """jsonargparse's report of a bad ``class_path`` argument (every Union subtype tried, the value's repr)
         cut to the key, the class and the problem."""
+        nested = re.search(r"Expected a dot import path string: (\w+).*NestedArg\(key='([\w.]+)'", message, re.S)
+        if nested and nested.group(1) in sh2.strategies.STRATEGY_ALIASES:
+            name, setting = nested.groups()
+            class_path = sh2.strategies.STRATEGY_ALIASES[name][0]
+            return (f"trainer.strategy: the name {name} takes no settings such as {setting}; in the config write "
+                    f"the strategy as `class_path: {class_path}` with `init_args: {{...}}`, or give "
+                    f"--trainer.strategy {name} on the command line before its settings")
         key = re.match(r'Parser key "([\w.]+)":', message)
         problem = re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*(.+)", message)
         if key and problem:
@@ -138,10 +176,10 @@ class SH2ArgumentParser(LightningArgumentParser):
         return message.strip()
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        message = "\n".join([self._condense(message), *self._hints(message)])
+        parser = getattr(ex, "subcommand_parser", None) or self
+        message = "\n".join([self._condense(message), *self._hints(message, parser)])
         if not self.exit_on_error or debug_enabled():
             super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         more = (f"`{prog} --help` for sh2's settings, `{prog} --help-all` for every setting" if
                 getattr(parser, "sh2_subcommand", None) else f"`{prog} --help`")
@@ -484,14 +522,36 @@ def error_report(err: BaseException, subcommand: str | None) -> str:
             f"This may be a bug in sh2 or a library it uses: {_DEBUG_HINT}, and report it.\n")
 
 
+def expand_strategy_alias(argv: list[str]) -> list[str]:
+    """``--trainer.strategy sh2_cp --trainer.strategy.cp.size 2``: a registered name is a plain string to the
+    parser, which cannot take settings, so when settings of the strategy follow on the command line the name is
+    replaced by its class and arguments (:data:`sh2.strategies.STRATEGY_ALIASES`), which they then update."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        name, at = None, None
+        if arg == "--trainer.strategy" and i + 1 < len(out):
+            name, at = out[i + 1], i + 1
+        elif arg.startswith("--trainer.strategy="):
+            name, at = arg.split("=", 1)[1], i
+        if name not in sh2.strategies.STRATEGY_ALIASES or at is None:
+            continue
+        if not any(a.startswith("--trainer.strategy.") for a in out[at + 1:]):
+            continue
+        class_path, init_args, _ = sh2.strategies.STRATEGY_ALIASES[name]
+        value = json.dumps({"class_path": class_path, "init_args": init_args})
+        out[at] = value if at == i + 1 else f"--trainer.strategy={value}"
+    return out
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sh2`` console script and ``python -m sh2``."""
     argv = sys.argv[1:] if args is None else list(args)
     if "--debug" in argv:
         os.environ["SH2_DEBUG"] = "1"
         argv = [a for a in argv if a != "--debug"]
-        if args is None:
-            sys.argv[1:] = argv
+    argv = expand_strategy_alias(argv)
+    if args is None:
+        sys.argv[1:] = argv
     _quiet_lightning()
     subcommand = next((a for a in argv if a in LightningCLI.subcommands()), None)
     try:

@@ -67,6 +67,33 @@ def read_sequences(path: str | os.PathLike) -> list[tuple[str, str]]:
     return records
 
 
+# IUPAC nucleotide codes (U for RNA, N and the ambiguity letters) and alignment gaps, either case
+_NUCLEOTIDE_CODES = frozenset(b"ACGTUNRYKMSWBDHV-.acgtunrykmswbdhv")
+
+
+def non_nucleotide_records(records: Sequence[tuple[str, str]], min_fraction: float = 0.9) -> list[str]:
+    """Ids of the records whose characters are less than ``min_fraction`` nucleotide codes (protein, text)."""
+    out = []
+    for rid, seq in records:
+        data = seq.encode("utf-8", errors="replace")
+        if data and sum(data.count(c) for c in _NUCLEOTIDE_CODES) < min_fraction * len(data):
+            out.append(rid)
+    return out
+
+
+def nucleotide_notice(records: Sequence[tuple[str, str]], setting: str = "prediction.path") -> str | None:
+    """A one-line notice when some sequences are not DNA or RNA: sh2 scores any bytes, and a model trained on
+    DNA (Evo 2) gives protein or text scores that say little. None when every record is nucleotides."""
+    odd = non_nucleotide_records(records)
+    if not odd:
+        return None
+    first = dict(records)[odd[0]]
+    sample = first[:24] + ("..." if len(first) > 24 else "")
+    return (f"note: {len(odd)} of {len(records)} sequences of {setting} are not nucleotide sequences (e.g. "
+            f"{odd[0]}: {sample!r}); they are scored as bytes, which means little for a model trained on DNA "
+            f"such as Evo 2")
+
+
 class SequenceDataset(Dataset):
     """Sequences of a file as ``{"id", "sequence"}`` items (optionally truncated to ``max_length``)."""
 
@@ -259,7 +286,13 @@ class PredictDataModule(L.LightningDataModule):
         if self.path is None:
             raise ValueError("prediction.path is not set: name the FASTA or text file of sequences to predict on "
                              "(sh2 predict --config ... --prediction.path seqs.fasta)")
-        return predict_dataloader(self.path, self.batch_size, self.max_length, self.num_workers, **self.options)
+        loader = predict_dataloader(self.path, self.batch_size, self.max_length, self.num_workers, **self.options)
+        notice = nucleotide_notice(loader.dataset.records)
+        if notice and (self.trainer is None or self.trainer.is_global_zero):
+            from sh2.training.callbacks import say
+
+            say(notice)
+        return loader
 
 
 def predict_dataloader(path: str, batch_size: int = 8, max_length: int | None = None, num_workers: int = 0,

@@ -48,19 +48,25 @@ def _cp_deepspeed(**kwargs: Any) -> Any:
     return ContextParallelDeepSpeedStrategy(**kwargs)
 
 
+_DEEPSPEED = "sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy"
+
+# name -> (class path, its arguments, description): the strategies a config may name instead of a class_path
+STRATEGY_ALIASES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "sh2_cp": ("sh2.strategies.ContextParallelStrategy", {"cp": {"size": "auto"}},
+               "sh2 context parallelism + FSDP2"),
+    "sh2_cp_deepspeed": (_DEEPSPEED, {"cp": {"size": "auto"}}, "sh2 context parallelism + DeepSpeed ZeRO-2"),
+    # plain DeepSpeed ZeRO (no context parallelism): the switch of the GPU configs
+    **{f"sh2_deepspeed_stage_{stage}": (_DEEPSPEED, {"cp": {"size": 1}, "stage": stage},
+                                        f"DeepSpeed ZeRO-{stage} for sh2 (CP = 1)") for stage in (1, 2, 3)},
+}
+
+
 def register_strategies() -> None:
-    """Register ``sh2_cp`` and ``sh2_cp_deepspeed`` with Lightning's StrategyRegistry (idempotent)."""
-    if "sh2_cp" not in StrategyRegistry:
-        StrategyRegistry.register("sh2_cp", ContextParallelStrategy,
-                                  description="sh2 context parallelism + FSDP2", cp={"size": "auto"})
-    if "sh2_cp_deepspeed" not in StrategyRegistry:
-        StrategyRegistry.register("sh2_cp_deepspeed", _cp_deepspeed,
-                                  description="sh2 context parallelism + DeepSpeed ZeRO-2", cp={"size": "auto"})
-    for stage in (1, 2, 3):  # plain DeepSpeed ZeRO (no context parallelism): the switch of the GPU configs
-        name = f"sh2_deepspeed_stage_{stage}"
+    """Register the names of :data:`STRATEGY_ALIASES` with Lightning's StrategyRegistry (idempotent)."""
+    for name, (class_path, kwargs, description) in STRATEGY_ALIASES.items():
         if name not in StrategyRegistry:
-            StrategyRegistry.register(name, _cp_deepspeed, description=f"DeepSpeed ZeRO-{stage} for sh2 (CP = 1)",
-                                      cp={"size": 1}, stage=stage)
+            cls = ContextParallelStrategy if class_path.endswith(".ContextParallelStrategy") else _cp_deepspeed
+            StrategyRegistry.register(name, cls, description=description, **kwargs)
 
 
 register_strategies()
@@ -68,5 +74,5 @@ register_strategies()
 __all__ = ["ContextParallelStrategy", "ContextParallelDeepSpeedStrategy", "ContextParallelMixin", "CPConfig",
            "CPGroup", "CPSequenceOps", "DataLayout", "StrategyContract", "apply_activation_checkpointing",
            "apply_compile", "apply_context_parallel", "context_parallel_loss", "parallelize",
-           "register_strategies", "remove_context_parallel", "shard_batch", "shard_sequence", "strategy_contract",
-           "unshard_sequence", "zigzag_indices"]
+           "register_strategies", "remove_context_parallel", "STRATEGY_ALIASES", "shard_batch", "shard_sequence",
+           "strategy_contract", "unshard_sequence", "zigzag_indices"]

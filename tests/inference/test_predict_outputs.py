@@ -247,3 +247,21 @@ def test_two_processes_write_rank_files_that_together_hold_every_record(tmp_path
     ids = [line.split("\t")[0] for r in (0, 1) for line in (tmp_path / f"e.rank{r}.tsv").read_text().splitlines()[1:]]
     assert [a.shape for a in arrays] == [(28, 32), (28, 32)] and len(set(ids)) == 56
     assert "records written to" in res.stdout and "e.rank1.npy" in res.stdout
+
+
+def test_sequences_that_are_not_nucleotides_get_one_notice(tmp_path, capsys):
+    from sh2.inference.predict import PredictDataModule, non_nucleotide_records
+
+    records = [("dna", "ACGTNNacgtRYKM-"), ("rna", "ACGUACGU"), ("protein", "MKTAYIAKQRQISFVKSHFSRQLEE"),
+               ("text", "the quick brown fox"), ("empty", "")]
+    assert non_nucleotide_records(records) == ["protein", "text"]
+    path = tmp_path / "mixed.fa"
+    path.write_text("".join(f">{rid}\n{seq or 'A'}\n" for rid, seq in records))
+    PredictDataModule(path=str(path), output=str(tmp_path / "out.jsonl")).predict_dataloader()
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "2 of 5 sequences of prediction.path are not nucleotide" in out
+    assert "protein: 'MKTAYIAKQRQISFVKSHFSRQLE...'" in out  # the first 24 characters
+    dna = tmp_path / "dna.fa"
+    dna.write_text(">a\nACGT\n>b\nNNNN\n")
+    PredictDataModule(path=str(dna), output=str(tmp_path / "out.jsonl")).predict_dataloader()
+    assert "note:" not in capsys.readouterr().out

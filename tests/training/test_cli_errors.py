@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import TINY_OVERRIDES
 
-from sh2.cli import main
+from sh2.cli import expand_strategy_alias, main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -151,10 +151,59 @@ def test_the_traceback_is_shown_only_with_the_debug_switch(tmp_path):
 
 
 def test_a_parser_error_is_short_and_points_at_help(capsys):
-    code, out, err = sh2(capsys, "fit", "--config", TINY, "--model.lrr", "3")
+    code, out, err = sh2(capsys, "fit", "--config", TINY, "--model.zzz", "3")
     assert code == 2 and out == ""
-    assert err.splitlines() == ["sh2 fit: error: unrecognized arguments: --model.lrr 3",
+    assert err.splitlines() == ["sh2 fit: error: unrecognized arguments: --model.zzz 3",
                                 "See `sh2 fit --help` for sh2's settings, `sh2 fit --help-all` for every setting."]
+
+
+@pytest.mark.parametrize("args,suggestion", [
+    (["--model.lrr", "3"], "Did you mean --model.lr?"),
+    (["--data.batchsize", "2"], "Did you mean --data.batch_size"),
+    (["--batch_size", "2"], "Did you mean --data.batch_size"),  # without its section
+    (["--model.batch_size", "2"], "Did you mean --data.batch_size"),  # in the wrong section
+    (["--trainer.max_step", "3"], "Did you mean --trainer.max_steps"),  # a prefix is not taken as the setting
+])
+def test_a_mistyped_setting_gets_the_closest_names(capsys, tmp_path, args, suggestion):
+    code, out, err = sh2(capsys, "fit", "--config", TINY, *args)
+    assert code == 2 and suggestion in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv,expanded", [
+    (["--trainer.strategy", "sh2_cp", "--trainer.strategy.cp.size", "2"],
+     ["--trainer.strategy", '{"class_path": "sh2.strategies.ContextParallelStrategy", "init_args": {"cp": '
+      '{"size": "auto"}}}', "--trainer.strategy.cp.size", "2"]),
+    (["--trainer.strategy=sh2_deepspeed_stage_3", "--trainer.strategy.cp.size", "2"],
+     ['--trainer.strategy={"class_path": "sh2.strategies.deepspeed.ContextParallelDeepSpeedStrategy", '
+      '"init_args": {"cp": {"size": 1}, "stage": 3}}', "--trainer.strategy.cp.size", "2"]),
+    (["--trainer.strategy", "sh2_cp"], ["--trainer.strategy", "sh2_cp"]),  # no settings: the name stays
+    (["--trainer.strategy", "ddp", "--trainer.strategy.x", "1"], ["--trainer.strategy", "ddp", "--trainer.strategy.x",
+                                                                 "1"]),  # not sh2's: left to the parser
+])
+def test_a_strategy_name_followed_by_its_settings_becomes_its_class(argv, expanded):
+    assert expand_strategy_alias(argv) == expanded
+
+
+def test_settings_after_a_strategy_name_reach_the_strategy(capsys):
+    code, _, err = sh2(capsys, "fit", "--config", TINY, "--trainer.strategy", "sh2_cp", "--trainer.strategy.cp.size",
+                       "2")
+    assert code != 0 and "not divisible by cp.size=2" in err, err
+
+
+def test_a_strategy_name_in_a_config_with_settings_on_the_command_line_says_how_to_write_it(capsys, tmp_path):
+    alias = tmp_path / "alias.yaml"
+    alias.write_text("trainer:\n  strategy: sh2_cp\n")
+    code, _, err = sh2(capsys, "fit", "--config", TINY, "--config", str(alias), "--trainer.strategy.cp.size", "2")
+    assert code == 2 and "the name sh2_cp takes no settings such as cp.size" in err, err
+    assert "class_path: sh2.strategies.ContextParallelStrategy" in err and "NestedArg" not in err
+
+
+def test_a_mistyped_key_in_a_config_file_gets_the_closest_names(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  warmup_step: 3\n")
+    code, _, err = sh2(capsys, "fit", "--config", TINY, "--config", str(bad))
+    assert code == 2 and "'model.warmup_step'" in err and "Did you mean model.warmup_steps?" in err, err
 
 
 # ----------------------------------------------------------------------------- one name per setting
