@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -169,6 +170,13 @@ def _not_a_checkpoint(path: Path) -> CheckpointError | None:
                            f"written by torch.save (an sh2 .ckpt, an evo2 .pt) or sh2 safetensors")
 
 
+# what the unpicklers raise on bytes that are not a valid stream: besides the I/O errors, a garbled opcode
+# sequence pops an empty stack (IndexError), reads a missing memo entry (KeyError), calls with the wrong arguments
+# (TypeError) or unpacks a short field (struct.error)
+_CORRUPT_STREAM = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, ArithmeticError,
+                   struct.error)
+
+
 def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """``torch.load`` a checkpoint on the CPU, memory-mapped and weights-only where possible.
 
@@ -205,11 +213,11 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
                                   f"{found.group(1) if found else 'unknown'}), which can run code when loaded. "
                                   f"If you trust the file, load it with trust_pickle=True",
                                   hints=[CheckpointHint.TRUST_PICKLE]) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except (*_CORRUPT_STREAM, zipfile.BadZipFile) as err:
         raise CheckpointError(corrupt.format(_first_line(err) or type(err).__name__)) from None
     try:
         return torch.load(path, weights_only=False, **kwargs)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except (pickle.UnpicklingError, *_CORRUPT_STREAM) as err:
         raise CheckpointError(corrupt.format(_first_line(err) or type(err).__name__)) from None
 
 
