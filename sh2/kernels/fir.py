@@ -39,6 +39,8 @@ from sh2.kernels.fir_blocked import (
 )
 from sh2.kernels.fir_direct import _fir_direct_bwd_kernel, _fir_direct_dh_kernel, _fir_direct_fwd_kernel
 
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2^31 - 1)
+
 
 @dataclass(frozen=True)
 class BlockedConfig:
@@ -64,9 +66,14 @@ class BlockedConfig:
     fuse_dh: bool = False
     channel_fast: bool = True
 
+    def channels_first(self, rows: int) -> bool:
+        """Whether a launch of ``rows`` (batch x segments) puts the channel blocks on grid axis 0: as configured,
+        unless the rows would exceed CUDA's limit on axis 1 (65,535; a small width with a large batch)."""
+        return self.channel_fast and rows <= _MAX_GRID_Y
+
     def grid(self, rows: int, n_cb: int) -> tuple[int, int]:
-        """Launch grid for ``rows`` (batch x segments) by ``n_cb`` channel blocks, in this config's order."""
-        return (n_cb, rows) if self.channel_fast else (rows, n_cb)
+        """Launch grid for ``rows`` by ``n_cb`` channel blocks, in the order of :meth:`channels_first`."""
+        return (n_cb, rows) if self.channels_first(rows) else (rows, n_cb)
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,8 @@ def _blocked_forward(p: FIRProblem, y: torch.Tensor, cfg: BlockedConfig) -> None
     _fir_blocked_fwd_kernel[cfg.grid(B * n_seg, n_cb)](
         p.q, p.k, p.v, p.h, p.bias, y, L, dg, K, n_chunks, cpp, n_seg, *p.strides(y),
         HAS_BIAS=p.bias is not None, BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PREC=dot_precision(p.q.dtype),
-        DOT_F32=interpreted(), CH_FAST=cfg.channel_fast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_F32=interpreted(), CH_FAST=cfg.channels_first(B * n_seg), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _direct_forward(p: FIRProblem, y: torch.Tensor, cfg: DirectConfig) -> None:
@@ -239,7 +247,7 @@ def _blocked_backward(p: FIRProblem, dy: torch.Tensor, dqkv: tuple[torch.Tensor,
     dh_part = p.new(B * n_seg, n_cb, K, dtype=torch.float32)
     fused = dh_part if cfg.fuse_dh else None
     common = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, PREC=dot_precision(p.q.dtype), DOT_F32=interpreted(),
-                  CH_FAST=cfg.channel_fast, num_warps=cfg.num_warps)
+                  CH_FAST=cfg.channels_first(B * n_seg), num_warps=cfg.num_warps)
     grid = cfg.grid(B * n_seg, n_cb)
     _fir_blocked_bwd_kernel[grid](
         p.q, p.k, p.v, dy, p.h, p.bias, *dqkv, db_part, fused, L, D, dg, K, n_chunks, cpp, n_seg, n_cb,

@@ -193,3 +193,11 @@ def test_fir_gpu_direct_path_matches_reference(G, K):
     dy = torch.randn_like(y)
     for g, gr in zip(torch.autograd.grad(y, (q, k, v, h, b), dy), torch.autograd.grad(yr, args, dy.double())):
         assert rel_err(g, gr) < 1e-5
+
+
+def test_blocked_grid_order_respects_the_cuda_axis_limit():
+    """Channel blocks go on grid axis 0 unless the rows (batch x segments) would exceed axis 1's 65,535."""
+    cfg = BlockedConfig(64, 16, 1024, 4)
+    assert cfg.channel_fast and cfg.grid(10, 256) == (256, 10)
+    assert not cfg.channels_first(70_000) and cfg.grid(70_000, 4) == (70_000, 4)
+    assert BlockedConfig(64, 16, 1024, 4, channel_fast=False).grid(10, 256) == (10, 256)
