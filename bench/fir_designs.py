@@ -9,6 +9,8 @@ read wider rows and times their forward beside the production launch, with the c
 - ``split``: two groups per program, one 2D product per group after ``tl.split`` of a 32-channel tile;
 - ``pair``: two neighbouring groups per program walked side by side (two loads, no layout change);
 - ``tma``: the production tiling with TMA tile loads and stores (tensor descriptors over ``[B, L, D]``);
+- ``three``, ``three_pair``: one or two groups per program with chunks of ``b = K / 2`` and three Toeplitz blocks
+  per group (``Y_n = H0 X_n + H1 X_{n-1} + H2 X_{n-2}``), 24 KB per group at ``K = 128`` instead of 64 KB;
 - ``production``: :func:`sh2.kernels.fir.fir_forward` with each candidate configuration of its autotuner, and
   the default one with the other grid order (``channel_fast=False``).
 
@@ -36,7 +38,7 @@ from sh2.kernels import fir, reference
 from sh2.kernels._tuning import interpreted, split_segments
 from sh2.kernels.fir_blocked import _load_tile, _tile_ptrs, _to_dot, _toeplitz_blocks
 
-DESIGNS = ("production", "batched", "split", "pair", "tma")
+DESIGNS = ("production", "batched", "split", "pair", "tma", "three", "three_pair")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -68,13 +70,24 @@ def _z(kb, vb, kd, vd, b, t0, t, skl, svl, offs_c, c0, L, BLOCK_T: tl.constexpr,
 
 
 @triton.jit
-def _group_step(H0, H1, x_prev, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, b, t0, t, sql, skl, svl, syl, offs_c, c0,
-                L, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr,
-                PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """One chunk of one group: ``y = q * (H0 X_n + H1 X_{n-1} + Dskip z)`` stored; returns ``X_n``."""
+def _second_spill_block(h_row, K, BLOCK_T: tl.constexpr, dt: tl.constexpr, DOT_F32: tl.constexpr):
+    """``H2[i, j] = h[i - j + 2 b]``: the taps that reach two chunks back (needed when ``b < K <= 2 b``)."""
+    offs = tl.arange(0, BLOCK_T)
+    d = offs[:, None] - offs[None, :] + 2 * BLOCK_T
+    return _to_dot(tl.load(h_row + d, mask=d < K, other=0.0), dt, DOT_F32)
+
+
+@triton.jit
+def _group_step(H0, H1, H2, x_prev, x_prev2, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, b, t0, t, sql, skl, svl, syl,
+                offs_c, c0, L, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                TMA: tl.constexpr, THREE: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """One chunk of one group: ``y = q * (H0 X_n + H1 X_{n-1} [+ H2 X_{n-2}] + Dskip z)`` stored; returns
+    ``X_n``."""
     z = _z(kb, vb, kd, vd, b, t0, t, skl, svl, offs_c, c0, L, BLOCK_T, BLOCK_C, TMA)
     x = _to_dot(z, qb.dtype.element_ty, DOT_F32)
     acc = tl.dot(H1, x_prev, tl.dot(H0, x, input_precision=PREC), input_precision=PREC)
+    if THREE:
+        acc = tl.dot(H2, x_prev2, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c).to(tl.float32)[None, :] * z
     y = _ld(qb, qd, b, t0, t, sql, offs_c, c0, L, BLOCK_T, BLOCK_C, TMA) * acc
@@ -86,8 +99,9 @@ def _group_step(H0, H1, x_prev, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, b, t0,
 def _tiles_fwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, bias_ptr, y_ptr, qd, kd, vd, yd,
                       L, DG, K, n_chunks, chunks_per_prog, n_seg, sqb, sql, skb, skl, svb, svl, syb, syl,
                       HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PAIR: tl.constexpr,
-                      TMA: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """``tma`` (one group, descriptor loads) and ``pair`` (groups ``2 p`` and ``2 p + 1`` side by side)."""
+                      TMA: tl.constexpr, THREE: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """``tma`` (one group, descriptor loads), ``pair`` (groups ``2 p`` and ``2 p + 1`` side by side) and, with
+    THREE, their forms with three blocks per group (chunks of ``b >= K / 2``, a third of the blocks' memory)."""
     pid_c = tl.program_id(0)
     pid = tl.program_id(1)
     bi = pid // n_seg
@@ -100,24 +114,34 @@ def _tiles_fwd_kernel(q_ptr, k_ptr, v_ptr, h_ptr, bias_ptr, y_ptr, qd, kd, vd, y
     oa = ca + tl.arange(0, BLOCK_C)
     ob = cb + tl.arange(0, BLOCK_C)
     A0, A1 = _toeplitz_blocks(h_ptr + (ca // DG) * K, K, BLOCK_T, False, dt, DOT_F32)
+    A2 = _second_spill_block(h_ptr + (ca // DG) * K, K, BLOCK_T, dt, DOT_F32) if THREE else A1
     if PAIR:
         B0, B1 = _toeplitz_blocks(h_ptr + (cb // DG) * K, K, BLOCK_T, False, dt, DOT_F32)
+        B2 = _second_spill_block(h_ptr + (cb // DG) * K, K, BLOCK_T, dt, DOT_F32) if THREE else B1
     qb, kb, vb, yb = q_ptr + b * sqb, k_ptr + b * skb, v_ptr + b * svb, y_ptr + b * syb
     n0 = seg * chunks_per_prog
     n1 = tl.minimum(n0 + chunks_per_prog, n_chunks)
     t0 = (n0 - 1) * BLOCK_T
     t = t0 + offs_t
     xa_prev = _to_dot(_z(kb, vb, kd, vd, bi, t0, t, skl, svl, oa, ca, L, BLOCK_T, BLOCK_C, TMA), dt, DOT_F32)
+    xa_prev2 = _to_dot(_z(kb, vb, kd, vd, bi, t0 - BLOCK_T, t - BLOCK_T, skl, svl, oa, ca, L, BLOCK_T, BLOCK_C,
+                          TMA), dt, DOT_F32) if THREE else xa_prev
     if PAIR:
         xb_prev = _to_dot(_z(kb, vb, kd, vd, bi, t0, t, skl, svl, ob, cb, L, BLOCK_T, BLOCK_C, TMA), dt, DOT_F32)
+        xb_prev2 = _to_dot(_z(kb, vb, kd, vd, bi, t0 - BLOCK_T, t - BLOCK_T, skl, svl, ob, cb, L, BLOCK_T,
+                              BLOCK_C, TMA), dt, DOT_F32) if THREE else xb_prev
     for n in range(n0, n1):
         t0 = n * BLOCK_T
         t = t0 + offs_t
-        xa_prev = _group_step(A0, A1, xa_prev, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, bi, t0, t, sql, skl, svl,
-                              syl, oa, ca, L, HAS_BIAS, BLOCK_T, BLOCK_C, TMA, PREC, DOT_F32)
+        xa = _group_step(A0, A1, A2, xa_prev, xa_prev2, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, bi, t0, t, sql,
+                         skl, svl, syl, oa, ca, L, HAS_BIAS, BLOCK_T, BLOCK_C, TMA, THREE, PREC, DOT_F32)
+        xa_prev2 = xa_prev
+        xa_prev = xa
         if PAIR:
-            xb_prev = _group_step(B0, B1, xb_prev, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, bi, t0, t, sql, skl,
-                                  svl, syl, ob, cb, L, HAS_BIAS, BLOCK_T, BLOCK_C, TMA, PREC, DOT_F32)
+            xb = _group_step(B0, B1, B2, xb_prev, xb_prev2, qb, kb, vb, yb, qd, kd, vd, yd, bias_ptr, bi, t0, t,
+                             sql, skl, svl, syl, ob, cb, L, HAS_BIAS, BLOCK_T, BLOCK_C, TMA, THREE, PREC, DOT_F32)
+            xb_prev2 = xb_prev
+            xb_prev = xb
 
 
 @triton.jit
@@ -189,7 +213,9 @@ def design_forward(design: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     G, K = h.shape
     dg = D // G
     y = torch.empty_like(q)
-    per_prog = {"tma": 1, "pair": 2, "split": 2, "batched": groups}[design]
+    per_prog = {"tma": 1, "pair": 2, "split": 2, "batched": groups, "three": 1, "three_pair": 2}[design]
+    if design.startswith("three") and not block_t < K <= 2 * block_t:
+        raise ValueError(f"design {design}: three blocks need b < K <= 2 b (K = {K}, b = {block_t})")
     n_cb = D // (per_prog * dg)
     n_chunks = triton.cdiv(L, block_t)
     cpp, n_seg = split_segments(n_chunks, n_cb, target_programs)
@@ -197,7 +223,7 @@ def design_forward(design: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     meta = dict(HAS_BIAS=bias is not None, BLOCK_T=block_t, PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 DOT_F32=interpreted(), num_warps=num_warps, num_stages=num_stages)
     grid = (n_cb, B * n_seg)
-    if design in ("tma", "pair"):
+    if design in ("tma", "pair", "three", "three_pair"):
         if design == "tma":
             from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -207,7 +233,8 @@ def design_forward(design: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
         def launch() -> None:
             _tiles_fwd_kernel[grid](q, k, v, h, bias, y, *descs, L, dg, K, n_chunks, cpp, n_seg, *strides,
-                                    BLOCK_C=dg, PAIR=design == "pair", TMA=design == "tma", **meta)
+                                    BLOCK_C=dg, PAIR=design.endswith("pair"), TMA=design == "tma",
+                                    THREE=design.startswith("three"), **meta)
     else:
         def launch() -> None:
             _wide_fwd_kernel[grid](q, k, v, h, bias, y, L, K, n_chunks, cpp, n_seg, *strides, DG=dg,
@@ -226,6 +253,8 @@ def production_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: tor
 def variants(design: str, K: int) -> list[dict[str, Any]]:
     """Launch settings timed per design (chunk length, warps, pipelining depth)."""
     bts = [128] if K > 64 else [32, 64]
+    if design.startswith("three"):  # b < K <= 2 b: half the chunk of the two-block designs
+        bts = [bt for bt in (16, 32, 64) if bt < K <= 2 * bt]
     if design == "production":
         cands = fir._blocked_candidates(K, False, False)
         return [{"config": c} for c in (*cands, dataclasses.replace(cands[0], channel_fast=False))]
@@ -243,14 +272,22 @@ def _inputs(B: int, L: int, D: int, K: int, bias: bool, dtype: torch.dtype, devi
 
 
 def check_designs(device: torch.device, designs: tuple[str, ...] = DESIGNS[1:]) -> dict[str, float]:
-    """Relative max error of every design against the float64 reference: fp32, two chunks and a spill block
-    (K = 64, b = 64; fp32 blocks of b = 128 exceed shared memory) and a short filter (K = 7), L not a chunk
-    multiple, batch 2 (so that chunks at the start of a sequence see no tokens of the previous row)."""
+    """Relative max error of every design against the float64 reference: fp32, a long filter (K = 64, b = 64,
+    or b = 32 with three blocks; fp32 blocks of b = 128 exceed shared memory) and a short one (K = 7, two-block
+    designs only), L not a chunk multiple, batch 2 (so that chunks at the start of a sequence see no tokens of
+    the previous row)."""
     errs = {}
-    for K, bias, bt in ((64, True, 64), (7, False, 32)):
+    for K, bias, bt_default in ((64, True, 64), (7, False, 32)):
+        bt = bt_default
         q, k, v, h, b = _inputs(2, 300 if K > 32 else 75, 64, K, bias, torch.float32, device, seed=K)
         y64 = reference.gated_fir_conv_ref(*(x.double() if x is not None else None for x in (q, k, v, h, b)))
         for design in designs:
+            if design.startswith("three"):
+                if K <= 16:  # b < K <= 2 b needs b < 16, below the tensor cores' smallest tile
+                    continue
+                bt = K // 2
+            else:
+                bt = bt_default
             y, launch = design_forward(design, q, k, v, h, b, bt, target_programs=4)
             launch()
             errs[f"{design} K={K}"] = ((y.double() - y64).abs().max() / y64.abs().max()).item()

@@ -12,5 +12,5 @@ from bench.fir_designs import DESIGNS, check_designs
 def test_design_matches_float64_reference(design: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     errs = check_designs(device, (design,))
-    assert set(errs) == {f"{design} K=64", f"{design} K=7"}
+    assert set(errs) == ({f"{design} K=64"} if design.startswith("three") else {f"{design} K=64", f"{design} K=7"})
     assert max(errs.values()) < 1e-5, errs
