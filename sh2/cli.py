@@ -440,8 +440,14 @@ def _checked_checkpoint(ckpt_path: str, subcommand: str, cfg: Any) -> Checkpoint
         use = f"its config ({own})" if own.is_file() else "the settings it was trained with"
         what = "a resume continues the checkpoint's run" if subcommand == "fit" else "the model must be the " \
                "checkpoint's architecture"
-        fix = (f"run with {use}; or start a new run from its weights with --model.init_from {ckpt_path} (a new "
-               f"optimizer and data stream)" if subcommand == "fit" else f"run with {use}")
+        if subcommand == "fit":
+            fix = (f"run with {use}; or start a new run from its weights with --model.init_from {ckpt_path} (a new "
+                   f"optimizer and data stream)")
+        elif all(c.startswith(("model.lora", "model.freeze")) for c in conflicts):
+            fix = (f"run with {use}; or give it as weights, --model.init_from {ckpt_path} instead of --ckpt_path "
+                   f"(its LoRA adapters are merged into the weights)")
+        else:
+            fix = f"run with {use}"
         raise ValueError(f"--ckpt_path {ckpt_path} does not fit this run's settings ({what}):\n  "
                          + "\n  ".join(conflicts) + f"\nFix: {fix}")
     return info

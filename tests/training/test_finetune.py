@@ -160,7 +160,7 @@ def test_bad_finetune_settings_name_the_setting(tmp_path):
         make_trainer(tmp_path, 1).fit(make_module(freeze=["base"]), make_data())
 
 
-def test_finetune_lora_config_runs_on_the_cpu(tmp_path, pretrained):
+def test_finetune_lora_config_runs_on_the_cpu(tmp_path, pretrained, capsys):
     from sh2.cli import SH2CLI
     from sh2.data.datamodule import SH2DataModule
     from sh2.training.module import SH2LightningModule
@@ -179,3 +179,12 @@ def test_finetune_lora_config_runs_on_the_cpu(tmp_path, pretrained):
     assert cli.model.lora == LoRAConfig(rank=8, alpha=16, targets=("in_proj", "out_proj", "qkv", "w1", "w2", "w3"))
     assert cli.trainer.global_step == 2
     assert (tmp_path / "ckpt" / "adapters.safetensors").is_file() and (tmp_path / "ckpt" / "last.ckpt").is_file()
+    # validating the LoRA checkpoint with a config without LoRA: refused, and told how to read it as weights
+    from sh2.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_path", str(tmp_path / "ckpt" /
+              "last.ckpt"), "--data.seq_len", "64", "--trainer.logger", "false"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "model.lora: checkpoint" in err
+    assert f"--model.init_from {tmp_path / 'ckpt' / 'last.ckpt'} instead of --ckpt_path" in err
