@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sh2.checkpoints.files import give_default_permissions
 from sh2.data.files import compression_of, open_text
 
 __all__ = ["FaiEntry", "FastaIndexError", "IndexedFasta", "build_fai", "read_fai", "write_fai",
@@ -129,9 +130,7 @@ def write_fai(entries: list[FaiEntry], path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        umask = os.umask(0)  # mkstemp makes the file private; an index is shared like its FASTA (as samtools')
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_permissions(tmp)  # mkstemp makes the file private; an index is shared like its FASTA
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
