@@ -24,10 +24,11 @@ Operator groups (``--groups``, comma-separated; default ``li,peers,se,mr,long``,
 - ``refs`` (PyTorch references: ``F.conv1d``, fp32 ``torch.fft``) and ``sdpa`` (causal SDPA 32 x 128): opt-in.
 
 Byte floors (bf16): the forward reads q, k, v and writes y (4 L D 2 bytes); fwd+bwd adds dy and dq, dk, dv
-(11 tensors). ``--time-budget`` (default 230 s) is shared by the phases (check, table, long run); a measurement
-that would not fit what is left is skipped and recorded. Kernel autotuning (``SH2_AUTOTUNE``, on by default)
-happens in the first call of each shape, outside the timed region. ``--profile NAME`` prints a CUDA kernel
-breakdown of one fwd+bwd of the matching operators instead.
+(11 tensors). ``featurizer`` (opt-in): the short convolution of the ``[1, L, 3D]`` projection (K = 3), whose
+floors are 6 and 15 tensors of width D. ``--time-budget`` (default 230 s) is shared by the phases (check,
+table, long run); a measurement that would not fit what is left is skipped and recorded. Kernel autotuning
+(``SH2_AUTOTUNE``, on by default) happens in the first call of each shape, outside the timed region.
+``--profile NAME`` prints a CUDA kernel breakdown of one fwd+bwd of the matching operators instead.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from sh2 import kernels
 from sh2.kernels import reference
 
 BF16 = torch.bfloat16
-GROUPS = ("li", "peers", "se", "mr", "refs", "sdpa")  # timing order of the table
+GROUPS = ("li", "peers", "se", "mr", "featurizer", "refs", "sdpa")  # timing order of the table
 
 
 @dataclass
@@ -73,12 +74,14 @@ class Operator:
         group: the ``--groups`` word that selects it.
         make: ``make(L, grad)`` -> arguments (q, k, v first), leaves requiring grad when ``grad``.
         fn: the operator; a tuple result's first element is the output.
+        floors: the byte floors of the forward and of forward + backward, in ``[L, D]`` bf16 tensors moved.
     """
 
     name: str
     group: str
     make: Callable[[int, bool], tuple[Any, ...]]
     fn: Callable[..., Any]
+    floors: tuple[int, int] = (4, 11)
 
 
 def operators(D: int, device: torch.device, backend: str, fla_ok: bool) -> list[Operator]:
@@ -138,6 +141,15 @@ def operators(D: int, device: torch.device, backend: str, fla_ok: bool) -> list[
             Operator("SE K=7 torch conv1d", "refs", hyena(7, False), reference.gated_fir_conv_ref),
             Operator("MR K=128 torch conv1d", "refs", hyena(128, True), reference.gated_fir_conv_ref),
             Operator("LI torch fft", "refs", li, li_fft_ref)]
+
+    def projection(L: int, grad: bool) -> tuple[Any, ...]:
+        x = torch.randn(1, L, 3 * D, device=device, dtype=BF16, requires_grad=grad)
+        return x, (torch.randn(3 * D, 3, device=device) / math.sqrt(3)).requires_grad_(grad)
+
+    # The featurizer on the [1, L, 3D] projection: the forward reads and writes 3D channels (6 tensors of width
+    # D), the backward reads x and dy and writes dx (9 more).
+    ops.append(Operator("featurizer K=3", "featurizer", projection,
+                        lambda x, w: kernels.causal_depthwise_conv(x, w, backend=backend), floors=(6, 15)))
 
     def sdpa(L: int, grad: bool) -> tuple[Any, ...]:
         return tuple(torch.randn(1, H, L, 128, device=device, dtype=BF16, requires_grad=grad) for _ in range(3))
@@ -208,7 +220,7 @@ def measure_row(op: Operator, L: int, modes: tuple[str, ...], device: torch.devi
         except Exception as err:  # keep measuring the other operators
             row[f"{mode}_status"] = f"error: {error_line(err)}"[:300]
         free_memory(device)
-    floor4, floor11 = (byte_floor_ms(n, L, D, copy_gbps) for n in (4, 11))
+    floor4, floor11 = (byte_floor_ms(n, L, D, copy_gbps) for n in op.floors)
     row.update(floor_fwd_ms=floor4, floor_fwdbwd_ms=floor11)
     if row.get("fwd_ms"):
         row.update(fwd_over_floor=row["fwd_ms"] / floor4, fwd_frac_copy=floor4 / row["fwd_ms"])
@@ -271,7 +283,7 @@ def print_tables(rows: list[dict[str, Any]], long_rows: list[dict[str, Any]], ce
     width = rows[0]["D"] if rows else "-"
     print_table(f"Operators (ms; D = {width}, batch 1, bf16; copy {ceil['copy_GBps']:.0f} GB/s, "
                 f"bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s, same run)",
-                ["op", "L", "fwd", "fwd / 4-tensor floor", "fwd % of copy", "fwd+bwd", "fwd+bwd / 11-tensor floor",
+                ["op", "L", "fwd", "fwd / floor", "fwd % of copy", "fwd+bwd", "fwd+bwd / floor",
                  "fwd+bwd peak GiB", "speed-up over the peers (their time / this)"],
                 [[r["op"], r["L"], ms(r, "fwd"), fmt(r.get("fwd_over_floor"), ".2f"),
                   fmt(r.get("fwd_frac_copy"), ".0%"), ms(r, "fwdbwd"), fmt(r.get("fwdbwd_over_floor"), ".2f"),

@@ -13,9 +13,10 @@ Backward, one kernel:
     dx[b, t, c] = sum_s w[c, s] dy[b, t + s, c]        dw[c, s] = sum_{b, t} dy[b, t, c] x[b, t - s, c]
 
 Each program walks a segment of consecutive tiles of one channel block, writes dx tile by tile and
-accumulates the ``[K, BLOCK_C]`` filter gradient in registers; the per-program ``[P, C, K]`` fp32
-partials are summed by a second kernel (deterministic: no atomics). Both kernels accumulate in fp32 and
-take fp16/bf16/fp32 inputs.
+accumulates the products of up to four filter taps in ``[BLOCK_T, BLOCK_C]`` fp32 registers, reduced over
+tokens once at the segment's end (longer filters put further groups of four taps on a third grid axis); the
+per-program ``[P, C, K]`` fp32 partials are summed by a second kernel (deterministic: no atomics). Both
+kernels accumulate in fp32 and take fp16/bf16/fp32 inputs.
 """
 
 from __future__ import annotations
@@ -48,34 +49,61 @@ def _short_conv_fwd_kernel(x_ptr, w_ptr, y_ptr, L, C, K, n_t, sxb, sxl, syb, syl
     tl.store(tile_ptrs(y_ptr + b * syb, t, syl, offs_c), acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _tap_product(acc, dy, xb, t, s, sxl, offs_c, L, mc):
+    return acc + dy * load_tile(xb, t - s, sxl, offs_c, L, mc)
+
+
+@triton.jit
+def _store_tap(out, acc, s, K, offs_c, mc):
+    tl.store(out + s, tl.sum(acc, axis=0), mask=mc & (tl.zeros_like(offs_c) + s < K))
+
+
 @triton.jit(do_not_specialize=("L", "n_t", "tiles_per_prog", "n_seg"))
 def _short_conv_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, L, C, K, n_t, tiles_per_prog, n_seg,
                            sxb, sxl, sdyb, sdyl, sob, sol,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // n_seg).to(tl.int64)
     seg = pid % n_seg
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < C
-    offs_k = tl.arange(0, BLOCK_K)
+    s0 = tl.program_id(2) * TAPS  # this program's filter taps: s0 .. s0 + TAPS - 1
     w_rows = w_ptr + offs_c * K
     xb = x_ptr + b * sxb
     dyb = dy_ptr + b * sdyb
-    dw = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    # One fp32 accumulator per tap, reduced over tokens once at the end: reducing every tile instead costs a
+    # cross-warp reduction per tap and tile, which made this kernel 3.5x its byte floor (docs/design.md).
+    a0 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     i0 = seg * tiles_per_prog
     for i in range(i0, tl.minimum(i0 + tiles_per_prog, n_t)):
         t = i * BLOCK_T + tl.arange(0, BLOCK_T)
         dy = load_tile(dyb, t, sdyl, offs_c, L, mc)
-        dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for s in range(0, K):
-            ws = tl.load(w_rows + s, mask=mc, other=0.0).to(tl.float32)
-            dx += ws[None, :] * load_tile(dyb, t + s, sdyl, offs_c, L, mc)
-            tap = tl.sum(dy * load_tile(xb, t - s, sxl, offs_c, L, mc), axis=0)
-            dw += tl.where(offs_k[:, None] == s, tap[None, :], 0.0)
-        m = (t < L)[:, None] & mc[None, :]
-        tl.store(tile_ptrs(dx_ptr + b * sob, t, sol, offs_c), dx.to(dx_ptr.dtype.element_ty), mask=m)
-    out = dw_part_ptr + pid.to(tl.int64) * C * K + offs_c[None, :] * K + offs_k[:, None]
-    tl.store(out, dw, mask=(offs_k < K)[:, None] & mc[None, :])
+        a0 = _tap_product(a0, dy, xb, t, s0, sxl, offs_c, L, mc)
+        if TAPS > 1:
+            a1 = _tap_product(a1, dy, xb, t, s0 + 1, sxl, offs_c, L, mc)
+        if TAPS > 2:
+            a2 = _tap_product(a2, dy, xb, t, s0 + 2, sxl, offs_c, L, mc)
+        if TAPS > 3:
+            a3 = _tap_product(a3, dy, xb, t, s0 + 3, sxl, offs_c, L, mc)
+        if s0 == 0:  # the programs of the first tap group also write dx
+            dx = tl.load(w_rows, mask=mc, other=0.0).to(tl.float32)[None, :] * dy
+            for s in range(1, K):
+                ws = tl.load(w_rows + s, mask=mc, other=0.0).to(tl.float32)
+                dx += ws[None, :] * load_tile(dyb, t + s, sdyl, offs_c, L, mc)
+            m = (t < L)[:, None] & mc[None, :]
+            tl.store(tile_ptrs(dx_ptr + b * sob, t, sol, offs_c), dx.to(dx_ptr.dtype.element_ty), mask=m)
+    out = dw_part_ptr + pid.to(tl.int64) * C * K + offs_c * K + s0
+    _store_tap(out, a0, 0, K - s0, offs_c, mc)
+    if TAPS > 1:
+        _store_tap(out, a1, 1, K - s0, offs_c, mc)
+    if TAPS > 2:
+        _store_tap(out, a2, 2, K - s0, offs_c, mc)
+    if TAPS > 3:
+        _store_tap(out, a3, 3, K - s0, offs_c, mc)
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,11 @@ class ShortConvConfig:
 
 
 _CANDIDATES = (ShortConvConfig(64, 64), ShortConvConfig(32, 128), ShortConvConfig(16, 256))
+# The backward holds up to four fp32 accumulators per tile: smaller tiles, or more warps.
+_BWD_CANDIDATES = (ShortConvConfig(32, 64), ShortConvConfig(16, 128), ShortConvConfig(64, 64, num_warps=8),
+                   ShortConvConfig(32, 128, num_warps=8), ShortConvConfig(16, 64))
+# Filter taps per backward program (more taps are split over the grid's third axis).
+_TAPS = 4
 
 
 def _key(x: torch.Tensor, w: torch.Tensor, *tensors: torch.Tensor) -> tuple:
@@ -118,14 +151,14 @@ def _backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, dx: torch.Tens
     """dx into ``dx``; returns ``dw [C, K]`` fp32."""
     B, L, C = x.shape
     K = w.shape[1]
+    taps = min(K, _TAPS)
     n_t = triton.cdiv(L, cfg.block_t)
     n_cb = triton.cdiv(C, cfg.block_c)
     tpp, n_seg = split_segments(n_t, n_cb, cfg.target_programs)
     dw_part = _tuning.new_buffer((B * n_seg, C, K), torch.float32, x.device)
-    _short_conv_bwd_kernel[(B * n_seg, n_cb)](
+    _short_conv_bwd_kernel[(B * n_seg, n_cb, triton.cdiv(K, taps))](
         x, w, dy, dx, dw_part, L, C, K, n_t, tpp, n_seg, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        dx.stride(0), dx.stride(1), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
-        BLOCK_K=triton.next_power_of_2(K), num_warps=cfg.num_warps)
+        dx.stride(0), dx.stride(1), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, TAPS=taps, num_warps=cfg.num_warps)
     return _tuning.sum_partials(dw_part)
 
 
@@ -134,7 +167,7 @@ def short_conv_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, conf
     """``(dx, dw)``: dx contiguous in x's dtype, dw ``[C, K]`` fp32 (inputs as in :func:`short_conv_forward`)."""
     dx = _tuning.new_buffer(x.shape, x.dtype, x.device)
     if config is None:
-        config = pick_config("short_conv_bwd", _key(x, w, dy), _CANDIDATES,
+        config = pick_config("short_conv_bwd", _key(x, w, dy), _BWD_CANDIDATES,
                              lambda c: _backward(x, w, dy, dx, c), x.device)
     return dx, _backward(x, w, dy, dx, config)
 

@@ -16,17 +16,38 @@ if TYPE_CHECKING:
     from sh2.models.config import SH2Config
 
 
+def _rope_angles(position_ids: torch.Tensor, head_dim: int, base: float, scaling: float, double: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                            dtype=torch.float64) / head_dim))
+    freqs = (position_ids.double() / scaling)[..., None] * inv_freq
+    if not double:
+        freqs = freqs.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+# An opaque operator, so that torch.compile materialises the [L, head_dim] tables once per layer. Traced as plain
+# ops, Inductor inlines the float64 angles and cos/sin into every element of q and k (once per head) and RoPE
+# then costs more than the attention kernel at 8K (docs/design.md, "RoPE tables").
+@torch.library.custom_op("sh2::rope_cos_sin", mutates_args=())
+def _rope_cos_sin_op(position_ids: torch.Tensor, head_dim: int, base: float, scaling: float, double: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_angles(position_ids, head_dim, base, scaling, double)
+
+
+@_rope_cos_sin_op.register_fake
+def _(position_ids, head_dim, base, scaling, double):
+    shape = (*position_ids.shape, head_dim)
+    dtype = torch.float64 if double else torch.float32
+    return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
+
+
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float, scaling: float,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables ``[..., L, head_dim]`` for positions divided by ``scaling`` (angles from float64, then
     fp32 unless ``dtype`` is float64: large positions keep their precision)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
-                                            dtype=torch.float64) / head_dim))
-    freqs = (position_ids.double() / scaling)[..., None] * inv_freq
-    if dtype != torch.float64:
-        freqs = freqs.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return _rope_cos_sin_op(position_ids, head_dim, float(base), float(scaling), dtype == torch.float64)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

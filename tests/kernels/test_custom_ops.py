@@ -65,6 +65,30 @@ def test_opcheck_causal_depthwise_conv():
     _opcheck(torch.ops.sh2.causal_depthwise_conv_backward.default, (x.detach(), w.detach(), _randn(2, 7, 5, seed=2)))
 
 
+@pytest.mark.parametrize("double", [True, False], ids=["f64", "f32"])
+def test_opcheck_rope_cos_sin(double):
+    _opcheck(torch.ops.sh2.rope_cos_sin.default, (torch.arange(7, device=DEVICE), 8, 500.0, 2.0, double))
+    _opcheck(torch.ops.sh2.rope_cos_sin.default, (torch.arange(6, device=DEVICE).view(2, 3), 4, 1e4, 1.0, double))
+
+
+def test_rope_tables_round_each_angle_once():
+    """Angles are formed in float64 and rounded to fp32 once: at positions near 1M each table entry is within
+    half an fp32 ulp of its angle (plus cos/sin rounding) of the float64 formula."""
+    from sh2.models.attention import rope_cos_sin
+
+    pos = torch.tensor([0, 1, 777, 999_999, 1_048_575], device=DEVICE)
+    cos, sin = rope_cos_sin(pos, 16, 10000.0, 3.0)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    ang = torch.cat([pos.cpu().double()[:, None] / 3.0 * inv] * 2, dim=-1)
+    bound = ang.abs() * 2.0**-24 + 1e-6
+    assert cos.dtype == sin.dtype == F32 and cos.shape == (5, 16)
+    assert ((cos.cpu().double() - ang.cos()).abs() <= bound).all()
+    assert ((sin.cpu().double() - ang.sin()).abs() <= bound).all()
+    cos64, sin64 = rope_cos_sin(pos, 16, 10000.0, 3.0, torch.float64)
+    torch.testing.assert_close(cos64.cpu(), ang.cos(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sin64.cpu(), ang.sin(), rtol=0, atol=1e-12)
+
+
 def test_opcheck_modal_filter():
     lp = (-0.1 * _randn(3, 4).abs()).requires_grad_(True)
     r = _randn(3, 4, seed=1, grad=True)
@@ -181,7 +205,7 @@ def test_compile_sh2_blocks_without_graph_breaks():
     cfg = SH2Config(hidden_size=32, num_layers=4, num_heads=2, mlp_hidden_size=48, layout="SDH*", se_groups=2,
                     mr_groups=2, mr_filter_len=16, li_state_size=4)
     expected = {"SE": {"causal_depthwise_conv", "gated_fir_conv"}, "MR": {"causal_depthwise_conv", "gated_fir_conv"},
-                "LI": {"causal_depthwise_conv", "gated_modal_conv"}, "MHA": set()}
+                "LI": {"causal_depthwise_conv", "gated_modal_conv"}, "MHA": {"rope_cos_sin"}}
     torch.manual_seed(0)
     x = torch.randn(2, 12, 32, device=DEVICE, requires_grad=True)
     with use_backend("triton"):

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from kernels_testutil import leaf64, rel_err
 
 from sh2.kernels import causal_depthwise_conv, reference
-from sh2.kernels.short_conv import causal_depthwise_conv_triton
+from sh2.kernels.short_conv import (
+    _BWD_CANDIDATES,
+    _CANDIDATES,
+    causal_depthwise_conv_triton,
+    short_conv_backward,
+    short_conv_forward,
+)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 # as the ``device`` fixture: the GPU where there is one, else the CPU with the Triton interpreter
@@ -59,6 +65,26 @@ def _check(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> None:
 def test_short_conv_matches_float64_fp32(B, L, C, K):
     gen = torch.Generator().manual_seed(B * 1000 + L * 10 + K)
     _check(torch.randn(B, L, C, generator=gen), torch.randn(C, K, generator=gen), F32)
+
+
+@pytest.mark.parametrize("K", [3, 9])
+@pytest.mark.parametrize("cfg", range(len(_BWD_CANDIDATES)))
+def test_short_conv_every_launch_config_matches_float64(cfg, K):
+    """Each configuration the autotuner may pick (forward and backward), with L and C multiples of no tile, and
+    K = 9: three groups of taps on the backward's third grid axis, the last one partly empty."""
+    gen = torch.Generator().manual_seed(cfg + 10 * K)
+    B, L, C = 2, 37, 70
+    x, w = torch.randn(B, L, C, generator=gen), torch.randn(C, K, generator=gen)
+    dy = torch.randn(B, L, C, generator=gen)
+    x64, w64 = leaf64(x), leaf64(w)
+    y64 = conv64(x64, w64)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    x, w, dy = x.to(DEVICE), w.to(DEVICE), dy.to(DEVICE)
+    y = short_conv_forward(x, w, _CANDIDATES[cfg % len(_CANDIDATES)])
+    dx, dw = short_conv_backward(x, w, dy, _BWD_CANDIDATES[cfg])
+    assert rel_err(y, y64) < 2e-6
+    assert rel_err(dx, dx64) < 2e-6
+    assert rel_err(dw, dw64) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
