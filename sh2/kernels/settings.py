@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -86,6 +88,10 @@ def current_settings() -> KernelSettings:
     """The settings in force (the environment is parsed on the first call)."""
     global _current
     if _current is None:
+        if torch.compiler.is_compiling():
+            # Storing them here would be a side effect inside traced code: under activation checkpointing
+            # dynamo then breaks the graph and runs the whole block eagerly. The next eager call stores them.
+            return KernelSettings.from_env()
         _current = KernelSettings.from_env()
     return _current
 

@@ -138,3 +138,18 @@ def test_transforms_compose_in_the_module_order() -> None:
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointed_blocks_compile_whole_when_they_make_the_first_kernel_call(monkeypatch) -> None:
+    """The kernel settings are read on first use. When that use is inside a compiled, checkpointed block, reading
+    them must not be a side effect of the traced code: dynamo would break the graph and silently run the
+    whole block eagerly (``fullgraph=True`` turns such a break into an error here)."""
+    from sh2.kernels import settings
+
+    monkeypatch.setattr(settings, "_current", None)
+    model = _model()
+    apply_activation_checkpointing(model)
+    apply_compile(model, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    loss, grads = _loss_and_grads(model, _batch(16))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
