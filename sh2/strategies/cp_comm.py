@@ -12,17 +12,33 @@ is cut into ``2*cp`` chunks of ``c = L / (2*cp)`` tokens and rank ``r`` holds ch
   chunk, for each of the two local chunks; the backward returns the halo gradients to their owners.
 
 All collectives go through ``torch.distributed`` on the group of a :class:`CPGroup`, with NCCL on GPUs and
-gloo on CPU (both support all-to-all and batched point-to-point).
+gloo on CPU (both support all-to-all and batched point-to-point). The blocking ones (the all-to-all and the
+halo exchange) are ``sh2::`` custom operators, which dynamo records as calls instead of breaking the graph at
+``torch.distributed``: under activation checkpointing a graph break inside a block makes dynamo run the whole
+block eagerly (docs/design.md, "Composition with FSDP2 and DeepSpeed").
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
+
+_KEYS = itertools.count()
+_GROUPS: dict[str, CPGroup] = {}
+
+
+def registered_group(key: str) -> CPGroup:
+    """The CPGroup registered under ``key`` in this process (the custom operators' group argument)."""
+    try:
+        return _GROUPS[key]
+    except KeyError:
+        raise RuntimeError(f"no CPGroup is registered as {key!r} in this process: build the CPGroup in the process "
+                           "that communicates (CPGroup.from_group), not in another one") from None
 
 
 @dataclass
@@ -40,6 +56,13 @@ class CPGroup:
     rank: int
     size: int
     global_ranks: list[int] = field(default_factory=list)
+    # The name the custom operators know this group by: operators take strings, not process groups. Registered
+    # when the group is built (eagerly), never from traced code, where the registration would be a side effect.
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.key = f"cp{next(_KEYS)}"
+        _GROUPS[self.key] = self
 
     @classmethod
     def from_group(cls, group: Any = None) -> CPGroup:
@@ -93,48 +116,81 @@ def all_to_all(buf: torch.Tensor, cpg: CPGroup, async_op: bool = False) -> tuple
     return out, work
 
 
-def _seq_to_channel(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-    out, _ = all_to_all(pack_seq_to_channel(x, cpg.size), cpg)
-    return unpack_seq_to_channel(out)
+@torch.library.custom_op("sh2::cp_all_to_all", mutates_args=())
+def all_to_all_op(buf: torch.Tensor, group: str) -> torch.Tensor:
+    """All-to-all over dim 0 of ``buf [cp, ...]`` in the registered CPGroup ``group`` (self-adjoint)."""
+    return all_to_all(buf.contiguous(), registered_group(group))[0]
 
 
-def _channel_to_seq(y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-    out, _ = all_to_all(pack_channel_to_seq(y, cpg.size), cpg)
-    return unpack_channel_to_seq(out)
+@all_to_all_op.register_fake
+def _(buf, group):
+    return torch.empty_like(buf, memory_format=torch.contiguous_format)
 
 
-class _SeqToChannel(Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-        ctx.cpg = cpg
-        return _seq_to_channel(x, cpg)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _channel_to_seq(grad, ctx.cpg), None
+def _all_to_all_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    # chunk j of rank i goes to chunk i of rank j: the adjoint sends every gradient chunk back the same way
+    return all_to_all_op(grad, ctx.group), None
 
 
-class _ChannelToSeq(Function):
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-        ctx.cpg = cpg
-        return _channel_to_seq(y, cpg)
+def _all_to_all_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.group = inputs[1]
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _seq_to_channel(grad, ctx.cpg), None
+
+all_to_all_op.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
+
+
+@torch.library.custom_op("sh2::cp_all_gather", mutates_args=())
+def all_gather_op(x: torch.Tensor, group: str) -> torch.Tensor:
+    """``[cp, *x.shape]``, row i from group rank i of the registered CPGroup ``group``."""
+    cpg = registered_group(group)
+    out = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(cpg.size)]
+    dist.all_gather(out, x.contiguous(), group=cpg.group)
+    return torch.stack(out)
+
+
+@all_gather_op.register_fake
+def _(x, group):
+    return x.new_empty(registered_group(group).size, *x.shape)
+
+
+@torch.library.custom_op("sh2::cp_all_gather_backward", mutates_args=())
+def all_gather_backward_op(grad: torch.Tensor, group: str) -> torch.Tensor:
+    """The gradient of a rank's slice of :func:`all_gather_op`: every rank's gradient for it, summed."""
+    cpg = registered_group(group)
+    grad = grad.contiguous().clone()
+    dist.all_reduce(grad, group=cpg.group)
+    return grad[cpg.rank].clone()
+
+
+@all_gather_backward_op.register_fake
+def _(grad, group):
+    return grad.new_empty(grad.shape[1:])
+
+
+def _all_gather_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.group = inputs[1]
+
+
+all_gather_op.register_autograd(lambda ctx, grad: (all_gather_backward_op(grad, ctx.group), None),
+                                setup_context=_all_gather_setup)
+
+
+def all_gather(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
+    """Differentiable all-gather: ``[cp, *x.shape]``, row i from group rank i; the gradient of a rank's slice is
+    the sum of every rank's gradient for it."""
+    return all_gather_op(x, cpg.key)
 
 
 def seq_to_channel(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
     """Zig-zag sequence shards ``[B, 2c, C]`` -> whole sequence, channel slice ``[B, L, C/cp]``."""
     if x.shape[-1] % cpg.size:
         raise ValueError(f"seq_to_channel: width {x.shape[-1]} is not divisible by cp={cpg.size}")
-    return _SeqToChannel.apply(x, cpg)
+    return unpack_seq_to_channel(all_to_all_op(pack_seq_to_channel(x, cpg.size), cpg.key))
 
 
 def channel_to_seq(y: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
     """Whole sequence, channel slice ``[B, L, C/cp]`` -> zig-zag sequence shards ``[B, 2c, C]``."""
-    return _ChannelToSeq.apply(y, cpg)
+    return unpack_channel_to_seq(all_to_all_op(pack_channel_to_seq(y, cpg.size), cpg.key))
 
 
 # ------------------------------------------------------------------------------------- point to point
@@ -261,13 +317,48 @@ def check_halo(H: int, chunk: int, what: str, cp: int) -> None:
             f"least {2 * cp * H} tokens, or the 'a2a' scheme for this operator.")
 
 
+@torch.library.custom_op("sh2::cp_halo_exchange", mutates_args=())
+def halo_exchange_op(u: torch.Tensor, H: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocking halo exchange of ``u [B, 2c, C]`` in the registered CPGroup ``group``."""
+    halo_a, halo_b, works = _post_halos(u, H, registered_group(group))
+    wait_all(works)
+    return halo_a, halo_b
+
+
+@halo_exchange_op.register_fake
+def _(u, H, group):
+    return u.new_empty(u.shape[0], H, u.shape[2]), u.new_empty(u.shape[0], H, u.shape[2])
+
+
+@torch.library.custom_op("sh2::cp_halo_exchange_backward", mutates_args=())
+def halo_exchange_backward_op(g_a: torch.Tensor, g_b: torch.Tensor, S: int, group: str) -> torch.Tensor:
+    """The gradient of the local ``[B, S, C]`` input of :func:`halo_exchange_op` from the halo gradients."""
+    return _halo_backward(g_a, g_b, S, registered_group(group))
+
+
+@halo_exchange_backward_op.register_fake
+def _(g_a, g_b, S, group):
+    return g_a.new_empty(g_a.shape[0], S, g_a.shape[2])
+
+
+def _halo_op_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.S, ctx.group = inputs[0].shape[1], inputs[2]
+
+
+def _halo_op_backward(ctx: Any, g_a: torch.Tensor, g_b: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    return halo_exchange_backward_op(g_a, g_b, ctx.S, ctx.group), None, None
+
+
+halo_exchange_op.register_autograd(_halo_op_backward, setup_context=_halo_op_setup)
+
+
 def halo_exchange(u: torch.Tensor, H: int, cpg: CPGroup) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``H`` rows preceding each local chunk of ``u [B, 2c, C]`` (zeros before the first token).
 
     Returns:
         ``(halo_a, halo_b)``, each ``[B, H, C]``: the inputs that causally precede chunk A and chunk B.
     """
-    return _HaloExchange.apply(u, H, cpg, None)
+    return halo_exchange_op(u, H, cpg.key)
 
 
 def start_halo_exchange(u: torch.Tensor, H: int, cpg: CPGroup) -> tuple[torch.Tensor, torch.Tensor, PendingWork]:

@@ -33,34 +33,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.autograd import Function
 
 from sh2 import kernels
 from sh2.kernels.reference import gated_modal_conv_ref
-from sh2.strategies.cp_comm import CPGroup
-
-
-def _all_gather(x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-    """``[cp, *x.shape]``, row i from group rank i."""
-    out = [torch.empty_like(x) for _ in range(cpg.size)]
-    dist.all_gather(out, x.contiguous(), group=cpg.group)
-    return torch.stack(out)
-
-
-class _AllGather(Function):
-    """Differentiable all-gather: the gradient of a rank's slice is the sum of every rank's gradient for it."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cpg: CPGroup) -> torch.Tensor:
-        ctx.cpg = cpg
-        return _all_gather(x, cpg)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.cpg.group)
-        return grad[ctx.cpg.rank], None
+from sh2.strategies.cp_comm import CPGroup, all_gather, all_gather_op, registered_group
 
 
 def global_order(per_rank: torch.Tensor) -> torch.Tensor:
@@ -96,7 +72,7 @@ def _state_passing_composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     """The scheme from differentiable pieces (reference kernels and collectives); autograd does the backward."""
     c = q.shape[1] // 2
     ends = torch.stack([_end_state_ref(k[:, :c], v[:, :c], log_poles), _end_state_ref(k[:, c:], v[:, c:], log_poles)])
-    starts = start_states(global_order(_AllGather.apply(ends, cpg)), log_poles, c)
+    starts = start_states(global_order(all_gather(ends, cpg)), log_poles, c)
     a, b = own_chunks(cpg)
     y_a = kernels.gated_modal_conv(q[:, :c], k[:, :c], v[:, :c], log_poles, residues, bias, starts[a],
                                    backend=backend, check_values=False)
@@ -105,87 +81,138 @@ def _state_passing_composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return torch.cat([y_a, y_b], dim=1)
 
 
-class _StatePassingModalConv(Function):
-    """The scheme on the Triton kernel's passes: each pass runs once per piece, as on one GPU."""
+def _empty(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
-                residues: torch.Tensor, bias: torch.Tensor | None, cpg: CPGroup) -> torch.Tensor:
-        from sh2.kernels import modal_conv as mc
-        from sh2.kernels._tuning import channel_stride_one
 
-        q, k, v = (channel_stride_one(x) for x in (q, k, v))
-        lp, res = log_poles.float().contiguous(), residues.float().contiguous()
-        B, S, D = q.shape
-        c = S // 2
-        plan = mc.plan_chunks(B, c, D, q.device)
-        need_grad = any(ctx.needs_input_grad)
-        pieces = (slice(0, c), slice(c, S))
-        local = []  # per piece: (chunk ends, sigma ends, end state, sigma end state)
-        for sl in pieces:
-            ends, sig_ends = mc.chunk_ends(k[:, sl], v[:, sl], lp, plan, sigma=need_grad)
-            _, _, end, sig_end = mc.combine_states(ends.clone(), sig_ends.clone() if need_grad else None, lp, None,
-                                                   plan, c)
-            local.append((ends, sig_ends, end, sig_end))
-        all_ends = global_order(_all_gather(torch.stack([p[2] for p in local]), cpg))
-        all_starts = start_states(all_ends, lp, c)
-        mine = own_chunks(cpg)
-        y = torch.empty(B, S, D, device=q.device, dtype=q.dtype)
-        saved = []
-        for i, sl in enumerate(pieces):
-            ends, sig_ends, _, sig_end = local[i]
-            s0 = all_starts[mine[i]].contiguous()
-            starts, sig_starts, _, _ = mc.combine_states(ends, sig_ends, lp, s0, plan, c)
-            mc.forward_output(q[:, sl], k[:, sl], v[:, sl], lp, res, bias, starts, plan, out=y[:, sl])
-            saved += [starts, sig_starts, sig_end, s0] if need_grad else []
-        if need_grad:
-            ctx.save_for_backward(q, k, v, lp, res, bias, all_ends, *saved)
-            ctx.cpg, ctx.plan, ctx.dtypes = cpg, plan, (log_poles.dtype, residues.dtype)
-        return y
+# The scheme on the Triton kernel's passes, as a pair of custom operators (the forward returns what the backward
+# reads): dynamo records them as calls, so a checkpointed LI block under CP compiles whole (docs/design.md,
+# "Composition with FSDP2 and DeepSpeed"). Each pass runs once per piece, as on one GPU.
+@torch.library.custom_op("sh2::cp_state_modal_conv", mutates_args=())
+def state_modal_conv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
+                        residues: torch.Tensor, bias: torch.Tensor | None, group: str, save: bool
+                        ) -> list[torch.Tensor]:
+    """``[y, all_ends, (starts, sigma_starts, sigma_end, start_state) per piece]``; all but y empty unless
+    ``save``."""
+    from sh2.kernels import modal_conv as mc
+    from sh2.kernels._tuning import channel_stride_one
 
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor):
-        from sh2.kernels import modal_conv as mc
-        from sh2.kernels._tuning import channel_stride_one
+    cpg = registered_group(group)
+    q, k, v = (channel_stride_one(x) for x in (q, k, v))
+    lp, res = log_poles.float().contiguous(), residues.float().contiguous()
+    B, S, D = q.shape
+    c = S // 2
+    plan = mc.plan_chunks(B, c, D, q.device)
+    pieces = (slice(0, c), slice(c, S))
+    local = []  # per piece: (chunk ends, sigma ends, end state, sigma end state)
+    for sl in pieces:
+        ends, sig_ends = mc.chunk_ends(k[:, sl], v[:, sl], lp, plan, sigma=save)
+        _, _, end, sig_end = mc.combine_states(ends.clone(), sig_ends.clone() if save else None, lp, None, plan, c)
+        local.append((ends, sig_ends, end, sig_end))
+    all_ends = global_order(all_gather_op(torch.stack([p[2] for p in local]), group))
+    all_starts = start_states(all_ends, lp, c)
+    mine = own_chunks(cpg)
+    y = torch.empty(B, S, D, device=q.device, dtype=q.dtype)
+    saved = []
+    for i, sl in enumerate(pieces):
+        ends, sig_ends, _, sig_end = local[i]
+        s0 = all_starts[mine[i]].contiguous()
+        starts, sig_starts, _, _ = mc.combine_states(ends, sig_ends, lp, s0, plan, c)
+        mc.forward_output(q[:, sl], k[:, sl], v[:, sl], lp, res, bias, starts, plan, out=y[:, sl])
+        # s0 and sig_end are views (of all_starts, of a scratch buffer): operator outputs may not alias
+        saved += [starts, sig_starts, sig_end.clone(), s0.clone()] if save else [_empty(q) for _ in range(4)]
+    return [y, all_ends if save else _empty(q), *saved]
 
-        q, k, v, lp, res, bias, all_ends, *saved = ctx.saved_tensors
-        cpg, plan = ctx.cpg, ctx.plan
-        dy = channel_stride_one(dy)
-        B, S, D = q.shape
-        c = S // 2
-        pieces = (slice(0, c), slice(c, S))
-        lam = torch.exp(lp)
-        carries, r0 = zip(*(mc.adjoint_carries(dy[:, sl], q[:, sl], lp, plan) for sl in pieces))
-        d_starts = global_order(_all_gather(torch.stack([lam * res * r for r in r0]), cpg))
-        # gradient of every end state through the start-state scan, and the scan's share of d lambda
-        decay = torch.exp(lp * c)
-        d_ends = torch.empty_like(d_starts)
-        acc = torch.zeros_like(d_starts[0])
-        for j in range(d_starts.shape[0] - 1, -1, -1):
-            d_ends[j] = acc
-            acc = decay * acc + d_starts[j]
-        mine = own_chunks(cpg)
-        dlam = torch.zeros_like(lp)
-        for i in mine:  # d S_i / d lambda = sum_{j<i} m lambda^(m-1) E_j, m = c (i-1-j); m = 0 adds nothing
-            for j in range(i - 1):
-                m = c * (i - 1 - j)
-                dlam += (d_starts[i] * all_ends[j]).sum(0) * m * torch.exp(lp * (m - 1))
-        dq, dk, dv = (torch.empty(B, S, D, device=q.device, dtype=q.dtype) for _ in range(3))
-        dr = torch.zeros_like(res)
-        dskip = torch.zeros(D, device=q.device, dtype=torch.float32) if bias is not None else None
-        for i, sl in enumerate(pieces):
-            starts, sig_starts, sig_end, s0 = saved[4 * i:4 * i + 4]
-            d_end = d_ends[mine[i]].contiguous()
-            _, _, _, dlam_i, dr_i, dskip_i = mc.input_grads(
-                dy[:, sl], q[:, sl], k[:, sl], v[:, sl], lp, res, bias, starts, sig_starts, carries[i], d_end, plan,
-                out=(dq[:, sl], dk[:, sl], dv[:, sl]))
-            dlam += dlam_i + (d_end * sig_end).sum(0)  # the end state's own dependence on lambda
-            dr += dr_i + (lam * s0 * r0[i]).sum(0)  # outputs read R lambda^(t+1) S_start
-            if dskip is not None:
-                dskip += dskip_i
-        lp_dtype, r_dtype = ctx.dtypes
-        return (dq, dk, dv, (dlam * lam).to(lp_dtype), dr.to(r_dtype),
-                dskip.to(bias.dtype) if dskip is not None else None, None)
+
+@state_modal_conv_op.register_fake
+def _(q, k, v, log_poles, residues, bias, group, save):
+    from sh2.kernels import modal_conv as mc
+
+    B, S, D = q.shape
+    N = log_poles.shape[1]
+    if not save:
+        return [q.new_empty(q.shape)] + [_empty(q) for _ in range(9)]
+    n_chunks = mc.plan_chunks(B, S // 2, D, q.device).n_chunks
+    state = q.new_empty((B, D, N), dtype=torch.float32)
+    chunks = q.new_empty((B, n_chunks, N, D), dtype=torch.float32)
+    piece = [chunks, torch.empty_like(chunks), state, torch.empty_like(state)]
+    ends = q.new_empty((2 * registered_group(group).size, B, D, N), dtype=torch.float32)
+    return [q.new_empty(q.shape), ends, *piece, *(torch.empty_like(t) for t in piece)]
+
+
+@torch.library.custom_op("sh2::cp_state_modal_conv_backward", mutates_args=())
+def state_modal_conv_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 log_poles: torch.Tensor, residues: torch.Tensor, bias: torch.Tensor | None,
+                                 group: str, all_ends: torch.Tensor, saved: list[torch.Tensor]
+                                 ) -> list[torch.Tensor]:
+    """``[dq, dk, dv, dlog_poles, dresidues, dbias]`` (``dbias`` empty without a bias)."""
+    from sh2.kernels import modal_conv as mc
+    from sh2.kernels._tuning import channel_stride_one
+
+    cpg = registered_group(group)
+    q, k, v, dy = (channel_stride_one(x) for x in (q, k, v, dy))
+    lp, res = log_poles.float().contiguous(), residues.float().contiguous()
+    B, S, D = q.shape
+    c = S // 2
+    plan = mc.plan_chunks(B, c, D, q.device)
+    pieces = (slice(0, c), slice(c, S))
+    lam = torch.exp(lp)
+    carries, r0 = zip(*(mc.adjoint_carries(dy[:, sl], q[:, sl], lp, plan) for sl in pieces))
+    d_starts = global_order(all_gather_op(torch.stack([lam * res * r for r in r0]), group))
+    # gradient of every end state through the start-state scan, and the scan's share of d lambda
+    decay = torch.exp(lp * c)
+    d_ends = torch.empty_like(d_starts)
+    acc = torch.zeros_like(d_starts[0])
+    for j in range(d_starts.shape[0] - 1, -1, -1):
+        d_ends[j] = acc
+        acc = decay * acc + d_starts[j]
+    mine = own_chunks(cpg)
+    dlam = torch.zeros_like(lp)
+    for i in mine:  # d S_i / d lambda = sum_{j<i} m lambda^(m-1) E_j, m = c (i-1-j); m = 0 adds nothing
+        for j in range(i - 1):
+            m = c * (i - 1 - j)
+            dlam += (d_starts[i] * all_ends[j]).sum(0) * m * torch.exp(lp * (m - 1))
+    dq, dk, dv = (torch.empty(B, S, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    dr = torch.zeros_like(res)
+    dskip = torch.zeros(D, device=q.device, dtype=torch.float32) if bias is not None else None
+    for i, sl in enumerate(pieces):
+        starts, sig_starts, sig_end, s0 = saved[4 * i:4 * i + 4]
+        d_end = d_ends[mine[i]].contiguous()
+        _, _, _, dlam_i, dr_i, dskip_i = mc.input_grads(
+            dy[:, sl], q[:, sl], k[:, sl], v[:, sl], lp, res, bias, starts, sig_starts, carries[i], d_end, plan,
+            out=(dq[:, sl], dk[:, sl], dv[:, sl]))
+        dlam += dlam_i + (d_end * sig_end).sum(0)  # the end state's own dependence on lambda
+        dr += dr_i + (lam * s0 * r0[i]).sum(0)  # outputs read R lambda^(t+1) S_start
+        if dskip is not None:
+            dskip += dskip_i
+    return [dq, dk, dv, (dlam * lam).to(log_poles.dtype), dr.to(residues.dtype),
+            dskip.to(bias.dtype) if dskip is not None else _empty(q)]
+
+
+@state_modal_conv_backward_op.register_fake
+def _(dy, q, k, v, log_poles, residues, bias, group, all_ends, saved):
+    return [q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), torch.empty_like(log_poles),
+            torch.empty_like(residues), torch.empty_like(bias) if bias is not None else _empty(q)]
+
+
+def _state_setup(ctx: Any, inputs: tuple[Any, ...], output: list[torch.Tensor]) -> None:
+    q, k, v, log_poles, residues, bias, group, _ = inputs
+    ctx.save_for_backward(q, k, v, log_poles, residues, bias, *output[1:])
+    ctx.group, ctx.has_bias = group, bias is not None
+
+
+def _state_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple[Any, ...]:
+    q, k, v, log_poles, residues, bias, all_ends, *saved = ctx.saved_tensors
+    if all_ends.numel() == 0:
+        raise RuntimeError("sh2::cp_state_modal_conv_backward needs the forward's saved states: run "
+                           "sh2::cp_state_modal_conv with save=True when gradients are needed")
+    dy = grads[0] if grads[0] is not None else torch.zeros_like(q)
+    dq, dk, dv, dlp, dr, dskip = state_modal_conv_backward_op(dy, q, k, v, log_poles, residues, bias, ctx.group,
+                                                              all_ends, saved)
+    return dq, dk, dv, dlp, dr, dskip if ctx.has_bias else None, None, None
+
+
+state_modal_conv_op.register_autograd(_state_backward, setup_context=_state_setup)
 
 
 def state_passing_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_poles: torch.Tensor,
@@ -203,7 +230,9 @@ def state_passing_modal_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"a zig-zag shard holds two equal chunks; got a local length of {q.shape[1]}")
     chosen = kernels.resolve_backend(backend, q)
     if chosen == "triton" and q.dtype != torch.float64:
-        return _StatePassingModalConv.apply(q, k, v, log_poles, residues, bias, cpg)
+        save = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, log_poles, residues, bias))
+        return state_modal_conv_op(q, k, v, log_poles, residues, bias, cpg.key, save)[0]
     return _state_passing_composed(q, k, v, log_poles, residues, bias, cpg, chosen)
 
 
