@@ -4,6 +4,7 @@ On the single-GPU machine (NCCL)::
 
     PYTHONPATH=$PWD python bench/cp_check.py                       # ops + FSDP2 steps (+ DeepSpeed if installed)
     PYTHONPATH=$PWD python bench/cp_check.py --layers 8 --seq-len 8192 --steps 5 --out cp_check.json
+    PYTHONPATH=$PWD python bench/cp_check.py --skip-ops --activation-checkpointing --compile   # compiled blocks
 
 On CPU (gloo, tiny shapes)::
 
@@ -82,6 +83,8 @@ def check_ops(device: torch.device, seq_len: int, width: int) -> list[dict[str, 
             ops = CPSequenceOps(cpg, CPConfig(li_scheme=s))
             out.append(_check(f"li/{s}/{dtype}", LOCAL_OPS.long_conv, ops.long_conv, [q, k, v], [lp, res, bias],
                               tol))
+        ops = CPSequenceOps(cpg, CPConfig(li_scheme="state"))  # the default: the modal recurrence, states passed
+        out.append(_check(f"li/state/{dtype}", LOCAL_OPS.modal_conv, ops.modal_conv, [q, k, v], [lp, res, bias], tol))
         H, hd = max(1, D // 128), min(128, D)
         qa, ka, va = rnd(B, L, H, hd), rnd(B, L, H, hd), rnd(B, L, H, hd)
         for s, backend in (("a2a", "auto"), ("ring", "auto"), ("ring", "math")):
@@ -118,7 +121,8 @@ def train(strategy: Any, args: argparse.Namespace, precision: str) -> dict[str, 
         attn = tuple(i for i, op in enumerate(base.operators) if op == "MHA")
         overrides["layout"] = stripe_layout(args.layers, tuple(i for i in attn if i < args.layers))
     module = SH2LightningModule(preset=args.preset, overrides=overrides, seq_len=args.seq_len, lr=1e-4,
-                                warmup_steps=1, activation_checkpointing=args.activation_checkpointing)
+                                warmup_steps=1, activation_checkpointing=args.activation_checkpointing,
+                                compile=args.compile)
     losses: list[float] = []
     times: list[float] = []
 
@@ -145,9 +149,14 @@ def train(strategy: Any, args: argparse.Namespace, precision: str) -> dict[str, 
     trainer.fit(module, loader)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     ok = len(losses) == args.steps and all(math.isfinite(x) for x in losses)
+    from torch._dynamo.utils import counters
+
+    breaks = int(sum(counters["graph_break"].values()))  # compiled blocks: any break ran a block eagerly
     print(f"  {type(strategy).__name__}: losses {[round(x, 4) for x in losses]}, s/step "
-          f"{[round(t, 3) for t in times]}, peak {peak:.1f} GiB  {'ok' if ok else 'FAIL'}", flush=True)
-    return {"strategy": type(strategy).__name__, "losses": losses, "step_s": times, "peak_gib": peak, "ok": ok}
+          f"{[round(t, 3) for t in times]}, peak {peak:.1f} GiB, graph breaks {breaks}  {'ok' if ok else 'FAIL'}",
+          flush=True)
+    return {"strategy": type(strategy).__name__, "losses": losses, "step_s": times, "peak_gib": peak, "ok": ok,
+            "graph_breaks": breaks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--op-width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="compile the blocks (model.compile) in the training part")
     p.add_argument("--skip-ops", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--no-deepspeed", action="store_true")
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
         print(f"training {args.preset} ({args.layers or 'all'} layers, L={args.seq_len}) for {args.steps} steps:")
-        report["train"] = [train(ContextParallelStrategy(context_parallel_size=1, force_cp_ops=True,
+        report["train"] = [train(ContextParallelStrategy(cp={"size": 1}, force_cp_ops=True,
                                                          mixed_precision="bf16" if device.type == "cuda" else None),
                                  args, precision)]
         if device.type == "cuda" and not args.no_deepspeed:
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as err:
                 print(f"  DeepSpeed skipped: {err}")
             else:
-                report["train"].append(train(ContextParallelDeepSpeedStrategy(context_parallel_size=1, stage=2,
+                report["train"].append(train(ContextParallelDeepSpeedStrategy(cp={"size": 1}, stage=2,
                                                                               force_cp_ops=True), args, precision))
         ok &= all(r["ok"] for r in report["train"])
     write_json(args.out, report)

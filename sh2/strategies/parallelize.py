@@ -141,7 +141,8 @@ def remove_context_parallel(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
-    """FSDP2 per block, then the root; Hyena-LI mixers in their own fp32 unit under a low-precision policy.
+    """FSDP2 per block, then the root; Hyena-LI mixers in their own fp32 unit under a low-precision policy
+    (compiled blocks: the whole LI block is one fp32 unit).
 
     The LI poles and residues must not be rounded to bf16 (the filter decays over up to 1M taps), so under a
     bf16/fp16 policy each LI mixer is its own FSDP unit that gathers fp32 parameters and computes in fp32
@@ -149,7 +150,9 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after
     mixer module, entered through a normal call with arguments: a unit on the filter alone would need FSDP
     forward hooks on its argument-less methods, and torch 2.11's root pre-forward fails on an empty
     argument tuple when activation checkpointing recomputes a block in the backward pass (IndexError in
-    ``_root_pre_forward``, seen on 4 H100s).
+    ``_root_pre_forward``, seen on 4 H100s). A compiled block (``apply_compile`` before this) cannot hold a
+    nested unit without a graph break, so a compiled LI block is sharded whole with the fp32 policy: its
+    parameters are gathered in fp32 and, under autocast, its matmuls still run in bf16.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -160,6 +163,11 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after
                                 output_dtype=policy.param_dtype, cast_forward_inputs=True)
     for block in model.blocks:
         if low_precision and isinstance(getattr(block.mixer, "filter", None), ModalFilter):
+            if block._compiled_call_impl is not None:
+                # A unit nested in a compiled block is a graph break (dynamo runs FSDP hooks eagerly), and under
+                # activation checkpointing one break runs the whole block eagerly: the block is one fp32 unit.
+                fully_shard(block, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
+                continue
             fully_shard(block.mixer, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

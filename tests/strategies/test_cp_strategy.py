@@ -19,7 +19,13 @@ from cp_harness import run_distributed
 from sh2.data.datamodule import SH2DataModule
 from sh2.models.config import SH2Config
 from sh2.models.model import SH2Model
-from sh2.strategies import ContextParallelStrategy, CPConfig, apply_activation_checkpointing, strategy_contract
+from sh2.strategies import (
+    ContextParallelStrategy,
+    CPConfig,
+    apply_activation_checkpointing,
+    apply_compile,
+    strategy_contract,
+)
 from sh2.strategies.contract import DataLayout
 from sh2.strategies.cp_ops import check_sequence_length, validate_cp_settings
 from sh2.strategies.sharding import shard_batch
@@ -60,10 +66,11 @@ def loss_terms(model: SH2Model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 class ContractModule(L.LightningModule):
     """sh2's module in 30 lines: the model built, then changed from outside, and the loss through the contract."""
 
-    def __init__(self, config: dict, activation_checkpointing: bool = False) -> None:
+    def __init__(self, config: dict, activation_checkpointing: bool = False, compiled: bool = False) -> None:
         super().__init__()
         self.cfg = config
         self.activation_checkpointing = activation_checkpointing
+        self.compiled = compiled
         self.model: SH2Model | None = None
         self.losses: list[float] = []
 
@@ -74,6 +81,8 @@ class ContractModule(L.LightningModule):
         self.model = SH2Model(SH2Config(**self.cfg))
         if self.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        if self.compiled:  # traced without code generation; a graph break is an error
+            apply_compile(self.model, backend="aot_eager", fullgraph=True)
         strategy_contract(self.trainer.strategy).parallelize_model(self.model)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -125,9 +134,10 @@ def _strategy_job(rank: int, world: int, root: str) -> None:
         assert len(module.losses) == STEPS and max(errs) < 1e-5, (scheme, module.losses, expected)
 
     # bf16 compute (FSDP2 MixedPrecisionPolicy; LI mixers in their own fp32 unit): close to fp32, also with
-    # activation checkpointing (blocks recomputed in the backward: the combination that failed on 4 H100s)
-    for ckpt_blocks in (False, True):
-        module = ContractModule(CONFIG, activation_checkpointing=ckpt_blocks)
+    # activation checkpointing (blocks recomputed in the backward: the combination that failed on 4 H100s), and
+    # with compiled blocks (the LI block then one fp32 unit: a nested unit would break the graph)
+    for ckpt_blocks, compiled in ((False, False), (True, False), (True, True)):
+        module = ContractModule(CONFIG, activation_checkpointing=ckpt_blocks, compiled=compiled)
         _trainer(ContextParallelStrategy(cp={"size": 2}, mixed_precision="bf16"), root).fit(module, loader)
         assert max(abs(a - b) / b for a, b in zip(module.losses, expected)) < 1e-2, (module.losses, expected)
         assert module.model.blocks[2].mixer.filter.R.dtype == torch.float32
