@@ -146,11 +146,12 @@ def train(strategy: Any, args: argparse.Namespace, precision: str) -> dict[str, 
     loader = torch.utils.data.DataLoader(_RandomTokens(args.steps, args.seq_len), batch_size=1)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # graph breaks of this run only
     trainer.fit(module, loader)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     ok = len(losses) == args.steps and all(math.isfinite(x) for x in losses)
-    from torch._dynamo.utils import counters
-
     breaks = int(sum(counters["graph_break"].values()))  # compiled blocks: any break ran a block eagerly
     print(f"  {type(strategy).__name__}: losses {[round(x, 4) for x in losses]}, s/step "
           f"{[round(t, 3) for t in times]}, peak {peak:.1f} GiB, graph breaks {breaks}  {'ok' if ok else 'FAIL'}",

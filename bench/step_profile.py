@@ -64,7 +64,7 @@ from sh2.training.flops import model_flops_per_token
 # (category, pattern on the kernel or operator name), first match wins. The sh2 kernels are named by their
 # Triton functions (``_fir_blocked_fwd_kernel``, ...); Inductor's start with ``triton_``.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((name, re.compile(pat, re.IGNORECASE)) for name, pat in (
-    ("li_modal", r"_modal|modal_|^chunk_\w+_kernel$"),
+    ("li_modal", r"_modal|modal_|^chunk_\w+_kernel$|^combine_\w*kernel$"),
     ("li_fft", r"_pack_|_unpack_|_spectra_|fft"),
     ("fir", r"_fir_"),
     ("featurizer", r"short_conv"),

@@ -145,7 +145,9 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             must divide the data-parallel size. 1 = plain FSDP over all dp x cp ranks.
         mixed_precision: FSDP2 parameter dtype for compute: ``None`` (keep the parameters' dtype), ``bf16``
             or ``fp16`` (gradients reduced in fp32; LI modal filters stay fp32). Use with
-            ``trainer.precision: 32-true``.
+            ``trainer.precision: 32-true``, or ``bf16-mixed`` when blocks are compiled and checkpointed: only
+            under autocast can a compiled Hyena-LI block keep fp32 filters without a graph break (see
+            ``sh2.strategies.parallelize.apply_fsdp``).
         reshard_after_forward: FSDP2 frees gathered parameters after the forward (ZeRO-3 like); False
             keeps them until the backward (ZeRO-2 like, more memory, less communication).
         meta_init: the module builds the model on the meta device; it is materialised on the GPU after
@@ -238,8 +240,10 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         """Called by the module at the end of ``configure_model``: CP operators, then FSDP2; a model built on
         the meta device is then materialised on this rank's device and initialised. Idempotent: every step
         checks the state it creates."""
+        autocast = str(getattr(self.precision_plugin, "precision", "")).endswith("-mixed")
         parallelize(model, self.device_mesh, self._cp, mp_policy=self._mp_policy,
-                    reshard_after_forward=self._reshard_after_forward, force_cp_ops=self._force_cp_ops)
+                    reshard_after_forward=self._reshard_after_forward, force_cp_ops=self._force_cp_ops,
+                    autocast=autocast)
         if any(p.is_meta for p in model.parameters()):
             model.to_empty(device=self.root_device)
             model.init_weights()

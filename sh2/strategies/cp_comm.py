@@ -64,6 +64,10 @@ class CPGroup:
         self.key = f"cp{next(_KEYS)}"
         _GROUPS[self.key] = self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a copy (or an unpickled group in another process) registers itself under a key of its own
+        return type(self), (self.group, self.rank, self.size, list(self.global_ranks))
+
     @classmethod
     def from_group(cls, group: Any = None) -> CPGroup:
         """Describe an initialised process group (``None`` = world)."""

@@ -198,6 +198,8 @@ def _(dy, q, k, v, log_poles, residues, bias, group, all_ends, saved):
 def _state_setup(ctx: Any, inputs: tuple[Any, ...], output: list[torch.Tensor]) -> None:
     q, k, v, log_poles, residues, bias, group, _ = inputs
     ctx.save_for_backward(q, k, v, log_poles, residues, bias, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # what the backward reads: no gradient to allocate for them
+    ctx.set_materialize_grads(False)
     ctx.group, ctx.has_bias = group, bias is not None
 
 
@@ -206,7 +208,9 @@ def _state_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple[Any, ..
     if all_ends.numel() == 0:
         raise RuntimeError("sh2::cp_state_modal_conv_backward needs the forward's saved states: run "
                            "sh2::cp_state_modal_conv with save=True when gradients are needed")
-    dy = grads[0] if grads[0] is not None else torch.zeros_like(q)
+    if grads[0] is None:  # y unused
+        return (None,) * 8
+    dy = grads[0]
     dq, dk, dv, dlp, dr, dskip = state_modal_conv_backward_op(dy, q, k, v, log_poles, residues, bias, ctx.group,
                                                               all_ends, saved)
     return dq, dk, dv, dlp, dr, dskip if ctx.has_bias else None, None, None

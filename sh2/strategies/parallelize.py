@@ -140,7 +140,8 @@ def remove_context_parallel(model: nn.Module) -> None:
         block.mixer.ops = LOCAL_OPS
 
 
-def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True,
+               autocast: bool = False) -> None:
     """FSDP2 per block, then the root; Hyena-LI mixers in their own fp32 unit under a low-precision policy
     (compiled blocks: the whole LI block is one fp32 unit).
 
@@ -151,8 +152,12 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after
     forward hooks on its argument-less methods, and torch 2.11's root pre-forward fails on an empty
     argument tuple when activation checkpointing recomputes a block in the backward pass (IndexError in
     ``_root_pre_forward``, seen on 4 H100s). A compiled block (``apply_compile`` before this) cannot hold a
-    nested unit without a graph break, so a compiled LI block is sharded whole with the fp32 policy: its
-    parameters are gathered in fp32 and, under autocast, its matmuls still run in bf16.
+    nested unit without a graph break, and under activation checkpointing one break runs the whole block
+    eagerly. So when the training step runs under ``autocast`` (``bf16-mixed`` precision), a compiled LI block is
+    sharded whole with fp32 parameters instead: its matmuls still run in bf16 (autocast casts the weights as
+    FSDP would), its input and output keep their dtype, and only its gathered weights double in size. Without
+    autocast that would move the block's matmuls to fp32, so the nested unit stays (and the block runs eagerly
+    under checkpointing).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -161,12 +166,11 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after
     # inputs cast to fp32 on entry, the output back to the policy's dtype for the rest of the block
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                 output_dtype=policy.param_dtype, cast_forward_inputs=True)
+    fp32_block = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     for block in model.blocks:
         if low_precision and isinstance(getattr(block.mixer, "filter", None), ModalFilter):
-            if block._compiled_call_impl is not None:
-                # A unit nested in a compiled block is a graph break (dynamo runs FSDP hooks eagerly), and under
-                # activation checkpointing one break runs the whole block eagerly: the block is one fp32 unit.
-                fully_shard(block, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
+            if autocast and block._compiled_call_impl is not None:
+                fully_shard(block, mesh=mesh, mp_policy=fp32_block, reshard_after_forward=reshard_after_forward)
                 continue
             fully_shard(block.mixer, mesh=mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
@@ -187,7 +191,7 @@ def mixed_precision_policy(name: str | None) -> Any:
 
 def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, *, mp_policy: Any = None,
                 shard_parameters: bool = True, reshard_after_forward: bool = True,
-                force_cp_ops: bool = False) -> nn.Module:
+                force_cp_ops: bool = False, autocast: bool = False) -> nn.Module:
     """Apply CP ops and FSDP2 to ``model`` in place (fixed order: CP, then FSDP) and return it (idempotent).
 
     Args:
@@ -198,6 +202,7 @@ def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, 
         shard_parameters: apply FSDP2 (False leaves parameters replicated, e.g. under DeepSpeed).
         reshard_after_forward: FSDP2 ``reshard_after_forward`` for every unit.
         force_cp_ops: use the CP operators even with cp = 1 (to exercise their code path on one rank).
+        autocast: the training step runs under autocast (mixed precision), which :func:`apply_fsdp` needs to know.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -205,7 +210,7 @@ def parallelize(model: nn.Module, mesh: Any, cp_config: CPConfig | None = None, 
     if cpg.size > 1 or force_cp_ops:
         apply_context_parallel(model, cpg, cp_config)
     if shard_parameters and not isinstance(model, FSDPModule):
-        apply_fsdp(model, fsdp_mesh(mesh), mp_policy, reshard_after_forward)
+        apply_fsdp(model, fsdp_mesh(mesh), mp_policy, reshard_after_forward, autocast)
     return model
 
 

@@ -18,6 +18,7 @@ from bench import step_profile
     ("_short_conv_bwd_kernel", "featurizer"),
     ("_modal_fwd_kernel", "li_modal"),
     ("chunk_dkv_kernel", "li_modal"),
+    ("combine_adjoint_kernel", "li_modal"),
     ("_unpack_fwd_kernel", "li_fft"),
     ("triton_poi_fused__to_copy_1", "fused (Inductor)"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimizer"),

@@ -109,10 +109,11 @@ def reference_losses(batches: list[dict[str, torch.Tensor]]) -> list[float]:
     return losses
 
 
-def _trainer(strategy: ContextParallelStrategy, root: str, steps: int = STEPS) -> L.Trainer:
+def _trainer(strategy: ContextParallelStrategy, root: str, steps: int = STEPS, precision: str = "32-true"
+             ) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False,
+                     precision=precision, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, use_distributed_sampler=False,
                      default_root_dir=root)
 
 
@@ -135,10 +136,12 @@ def _strategy_job(rank: int, world: int, root: str) -> None:
 
     # bf16 compute (FSDP2 MixedPrecisionPolicy; LI mixers in their own fp32 unit): close to fp32, also with
     # activation checkpointing (blocks recomputed in the backward: the combination that failed on 4 H100s), and
-    # with compiled blocks (the LI block then one fp32 unit: a nested unit would break the graph)
+    # with compiled blocks under autocast (the LI block then one fp32 unit: a nested unit would break the graph)
     for ckpt_blocks, compiled in ((False, False), (True, False), (True, True)):
         module = ContractModule(CONFIG, activation_checkpointing=ckpt_blocks, compiled=compiled)
-        _trainer(ContextParallelStrategy(cp={"size": 2}, mixed_precision="bf16"), root).fit(module, loader)
+        precision = "bf16-mixed" if compiled else "32-true"
+        _trainer(ContextParallelStrategy(cp={"size": 2}, mixed_precision="bf16"), root,
+                 precision=precision).fit(module, loader)
         assert max(abs(a - b) / b for a, b in zip(module.losses, expected)) < 1e-2, (module.losses, expected)
         assert module.model.blocks[2].mixer.filter.R.dtype == torch.float32
 
