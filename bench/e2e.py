@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,23 +99,37 @@ def batch_for(args: argparse.Namespace, L: int) -> int:
     return args.tokens_per_step // L
 
 
-def train_steps(model: SH2Model, batch: int, L: int, args: argparse.Namespace, device: torch.device
-                ) -> dict[str, Any]:
-    """Warm-up and timed training steps: median step time, first loss, warm-up time."""
-    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=device.type == "cuda")
+def make_step(model: SH2Model, batch: int, L: int, device: torch.device, capturable: bool = False
+              ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
+    """One training step on fixed random tokens (seeded by L): bf16 autocast forward, cross-entropy, backward,
+    fused AdamW (``capturable`` for a CUDA graph); returns the step (loss, detached) and its optimizer."""
+    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=device.type == "cuda",
+                            capturable=capturable)
     g = torch.Generator().manual_seed(L)
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (batch, L), generator=g).to(device)
     y = torch.randint(0, vocab, (batch, L), generator=g).to(device)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
+        return loss.detach()
+
+    return step, opt
+
+
+def train_steps(model: SH2Model, batch: int, L: int, args: argparse.Namespace, device: torch.device
+                ) -> dict[str, Any]:
+    """Warm-up and timed training steps: median step time, first loss, warm-up time."""
+    run, opt = make_step(model, batch, L, device)
+
+    def step() -> float:
+        loss = run()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss)
 
     warm, times, losses = [], [], []
     for i in range(args.warmup + args.steps):
@@ -129,18 +144,25 @@ def train_steps(model: SH2Model, batch: int, L: int, args: argparse.Namespace, d
             "loss_last": losses[-1]}
 
 
-def run_config(cfg: SH2Config, L: int, batch: int, mode: str, ckpt: bool, args: argparse.Namespace,
-               device: torch.device) -> dict[str, Any]:
-    """Build the model (seeded: eager and compiled share weights), apply the settings and time it."""
+def build_model(cfg: SH2Config, mode: str, ckpt: bool, device: torch.device) -> tuple[SH2Model, str | None]:
+    """The seeded model (eager and compiled runs share weights) in training mode, checkpointed if ``ckpt``,
+    its blocks compiled if ``mode == "compiled"``; returns it and the compile path (None: eager)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = SH2Model(cfg)
     model.train()
     set_activation_checkpointing(model, ckpt)
-    out: dict[str, Any] = {"parameters": model.num_parameters()}
+    return model, apply_compile(model) if mode == "compiled" else None
+
+
+def run_config(cfg: SH2Config, L: int, batch: int, mode: str, ckpt: bool, args: argparse.Namespace,
+               device: torch.device) -> dict[str, Any]:
+    """Build the model (seeded: eager and compiled share weights), apply the settings and time it."""
     breaks = graph_breaks() if mode == "compiled" else 0
-    if mode == "compiled":
-        out["compile_path"] = apply_compile(model)
+    model, compile_path = build_model(cfg, mode, ckpt, device)
+    out: dict[str, Any] = {"parameters": model.num_parameters()}
+    if compile_path is not None:
+        out["compile_path"] = compile_path
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out.update(train_steps(model, batch, L, args, device))
@@ -260,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    device = torch.device(args.device)
-    budget = Budget(args.time_budget)
+def setup_run(args: argparse.Namespace, device: torch.device
+              ) -> tuple[dict[str, SH2Config], float | None, dict[str, Any]]:
+    """The configs of the layouts asked for (``--preset``, ``--layers``, ``--layouts``, ``--li-algorithm``), the
+    bf16 matmul peak in FLOP/s measured now (None on the CPU) and the run's record (device, ceilings, an empty
+    ``rows`` list), printed in one line. Dynamo is configured when a compiled mode is asked for."""
     if "compiled" in args.modes:
         configure_dynamo()
     base = with_li_algorithm(SH2Config.from_name(args.preset), args.li_algorithm)
@@ -272,12 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     ceil = measure_ceilings(device)
     peak = ceil["matmul_bf16_TFLOPs"] * 1e12 if device.type == "cuda" else None
     info: dict[str, Any] = {**run_info(device), "ceilings": ceil, "peak_flops": peak, "layers": args.layers,
-                            "width": base.hidden_size,
-                            "preset": args.preset, "li_algorithm": li_algorithm_of(base),
+                            "width": base.hidden_size, "preset": args.preset, "li_algorithm": li_algorithm_of(base),
                             "layouts": {n: c.layout for n, c in cfgs.items()}, "rows": []}
-    rows: list[dict[str, Any]] = info["rows"]
     print(f"{info['device']}: bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s, copy {ceil['copy_GBps']:.0f} GB/s "
           f"({ceil['method']}); LI path {info['li_algorithm']}; layouts {info['layouts']}", flush=True)
+    return cfgs, peak, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    budget = Budget(args.time_budget)
+    cfgs, peak, info = setup_run(args, device)
+    rows: list[dict[str, Any]] = info["rows"]
     for L, ckpt in plan(args):
         batch = batch_for(args, L)
         for name, cfg in cfgs.items():

@@ -38,27 +38,19 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import (
     Budget,
-    apply_compile,
-    bench_layouts,
     default_device,
     error_line,
     fmt,
     free_memory,
-    li_algorithm_of,
-    measure_ceilings,
     print_table,
-    run_info,
-    set_activation_checkpointing,
     sync,
-    with_li_algorithm,
     write_json,
 )
-from bench.e2e import configure_dynamo
-from sh2.models import SH2Config, SH2Model, parameter_groups
+from bench.e2e import build_model, make_step, setup_run
+from sh2.models import SH2Config, SH2Model
 from sh2.training.flops import model_flops_per_token
 
 # (category, pattern on the kernel or operator name), first match wins. The sh2 kernels are named by their
@@ -129,27 +121,6 @@ def kernel_table(prof: torch.profiler.profile, device: torch.device, steps: int)
     return {"categories": cats, "busy_ms": busy, "launches": sum(c["launches"] for c in cats.values())}
 
 
-def make_step(model: SH2Model, batch: int, L: int, device: torch.device, capturable: bool
-              ) -> tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]:
-    """One training step on fixed random tokens: bf16 autocast forward, backward, fused AdamW (as e2e.py)."""
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=cuda, capturable=capturable)
-    g = torch.Generator().manual_seed(L)
-    vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (batch, L), generator=g).to(device)
-    y = torch.randint(0, vocab, (batch, L), generator=g).to(device)
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step, opt
-
-
 def timed(step: Callable[[], Any], zero: Callable[[], None], device: torch.device, steps: int) -> list[float]:
     """Seconds of each of ``steps`` calls of ``step`` (each followed by ``zero``), synchronised around each."""
     times = []
@@ -186,14 +157,8 @@ def graph_replay_ms(model: SH2Model, batch: int, L: int, device: torch.device, s
 
 def profile_config(cfg: SH2Config, L: int, batch: int, mode: str, ckpt: bool, args: argparse.Namespace,
                    device: torch.device) -> dict[str, Any]:
-    """Build the model (seeded), warm up, time ``args.steps`` steps, then profile as many."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SH2Model(cfg)
-    model.train()
-    set_activation_checkpointing(model, ckpt)
-    if mode == "compiled":
-        apply_compile(model)
+    """Build the model as ``bench/e2e.py`` does, warm up, time ``args.steps`` steps, then profile as many."""
+    model, _ = build_model(cfg, mode, ckpt, device)
     step, opt = make_step(model, batch, L, device, capturable=False)
     zero = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
     timed(step, zero, device, args.warmup)
@@ -257,18 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     budget = Budget(args.time_budget)
-    if "compiled" in args.modes:
-        configure_dynamo()
-    base = with_li_algorithm(SH2Config.from_name(args.preset), args.li_algorithm)
-    cfgs = {name: base.replace(num_layers=args.layers, layout=layout)
-            for name, layout in bench_layouts(args.layers).items() if name in args.layouts}
-    ceil = measure_ceilings(device)
-    peak = ceil["matmul_bf16_TFLOPs"] * 1e12 if device.type == "cuda" else None
-    info: dict[str, Any] = {**run_info(device), "ceilings": ceil, "layers": args.layers, "preset": args.preset,
-                            "li_algorithm": li_algorithm_of(base), "layouts": {n: c.layout for n, c in cfgs.items()},
-                            "rows": []}
-    print(f"{info['device']}: bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s, copy {ceil['copy_GBps']:.0f} GB/s; "
-          f"LI path {info['li_algorithm']}; layouts {info['layouts']}", flush=True)
+    cfgs, peak, info = setup_run(args, device)
     for L in args.lengths:
         for name, cfg in cfgs.items():
             for mode in args.modes:

@@ -6,7 +6,8 @@ How many GPUs does a 7B model need at 1M tokens? The estimate adds four parts (b
   training, sharded over the ``dp x cp`` ranks (FSDP2 shards over data and context parallel ranks);
 - **gathered**: the unsharded weights of the largest block while it computes, the next block's prefetched
   weights and the block's fp32 gradients before the reduce-scatter (``P_block * (2 s + 4)``, ``s`` = 2 bytes
-  with FSDP2 ``mixed_precision: bf16``, else 4; none without sharding);
+  with FSDP2 ``mixed_precision: bf16``, else 4, where one of the two blocks counts at 4 bytes when the layout
+  has Hyena-LI layers, whose weights FSDP2 gathers in fp32; none without sharding);
 - **activations**: ``T = batch * seq_len / cp`` tokens per GPU. With activation checkpointing: each block's
   input (``s D`` bytes per token and layer: bf16 under FSDP2 bf16 mixed precision, fp32 otherwise) plus the
   working set of recomputing and back-propagating one block, ``w D`` bytes per token, where ``w`` is the
@@ -133,7 +134,10 @@ def estimate_training_memory(config: SH2Config, seq_len: int, *, cp: int = 1, dp
     shards = dp * cp if sharded else 1
     # trainable: fp32 weight + fp32 gradient (+ two fp32 AdamW moments); frozen: the fp32 weight alone
     states = (n.trainable * (16 if optimizer else 8) + (n.total - n.trainable) * 4) / shards
-    gathered = (n.block * 2 * s + n.block_trainable * 4) if sharded and shards > 1 else 0.0
+    # Under bf16 FSDP2, LI layers keep fp32 weights (their mixer, or under compile and autocast the whole block:
+    # sh2.strategies.parallelize.apply_fsdp); counted as one of the two gathered blocks in fp32.
+    s_next = 4 if s == 2 and any(op == "LI" for op in config.operators) else s
+    gathered = (n.block * (s + s_next) + n.block_trainable * 4) if sharded and shards > 1 else 0.0
     tokens = batch * seq_len / cp
     d = config.hidden_size
     working = [mixer_class(op).block_working_set(config) for op in config.operators]

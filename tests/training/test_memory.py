@@ -130,11 +130,12 @@ def test_a_lora_finetune_keeps_optimizer_state_and_fp32_gradients_for_the_adapte
     gib = 2 ** 30
     assert tuned.states == pytest.approx((adapters * 16 + (total - adapters) * 4) / 4 / gib, rel=1e-12)
     assert full.states == pytest.approx(6_481_649_408 * 16 / 4 / gib, rel=1e-12)
-    # a block's bf16 weights are gathered twice (current and prefetched), 2 * 2 bytes per parameter; fp32
-    # gradients (4 bytes) only for its adapters. The largest block (an LI block) has hyena + MLP adapters.
-    block = full.gathered * gib / (2 * 2 + 4)
+    # a block's weights are gathered twice (current and prefetched): bf16 (2 bytes) and, since the layout has LI
+    # layers whose weights FSDP2 gathers in fp32, 4 bytes for the other; fp32 gradients (4 bytes) only for its
+    # adapters. The largest block (an LI block) has hyena + MLP adapters.
+    block = full.gathered * gib / (2 + 4 + 4)
     block_adapters = per_block_mlp + hyena
-    assert tuned.gathered == pytest.approx(((block + block_adapters) * 2 * 2 + block_adapters * 4) / gib, rel=1e-12)
+    assert tuned.gathered == pytest.approx(((block + block_adapters) * (2 + 4) + block_adapters * 4) / gib, rel=1e-12)
     assert tuned.activations == full.activations and tuned.logits == full.logits
     main(["--preset", "evo2_7b_8k", "--seq-len", "8192", "--cp", "1", "--lora-rank", "8", "--gpu-gib", "139.8"])
     out = capsys.readouterr().out
